@@ -1,0 +1,25 @@
+# Two commands for a fresh machine (each installs what it needs into .venv first):
+#   make demo   upscale scikit-image's sample photos into ./isosr-demo/output
+#   make test   run the test suite (what .ci/run runs)
+# GPU users: install your CUDA build of torch into .venv first, or pass TORCH= to keep it.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test install
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/isosr demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest

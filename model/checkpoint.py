@@ -1,0 +1,154 @@
+"""Checkpoints: safetensors files whose metadata carries the model config as JSON.
+
+- Loaded from any fsspec URI: a local path, s3://, memory://, https://, ...
+- The sha256 of the file's bytes is the model version written into every manifest row.
+- Keys and shapes are checked strictly against the config's network before anything is loaded.
+- Nothing is ever unpickled: only the safetensors format is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import safetensors.torch
+import torch
+
+from model.config import DenseIsoViTConfig
+from model.network import DenseIsoViT
+
+CONFIG_KEY = "isosr.config"
+# Ships with the package once trained default weights exist (the training issue adds them).
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "default.safetensors"
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, uri: str, problem: str) -> None:
+        super().__init__(f"checkpoint {uri}: {problem}")
+        self.uri = uri
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model: DenseIsoViT
+    config: DenseIsoViTConfig
+    sha256: str  # of the file's bytes: the model version
+    uri: str
+
+
+def save_checkpoint(model: DenseIsoViT, uri: str | os.PathLike, *, dtype: torch.dtype | None = None) -> str:
+    """Write `model` (optionally cast to `dtype`, e.g. torch.float16 to halve the file) with its
+    config to `uri`; returns the file's sha256. Local files appear whole or not at all."""
+    uri = os.fspath(uri)
+    tensors = {
+        name: (t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()).contiguous().cpu()
+        for name, t in model.state_dict().items()
+    }
+    data = safetensors.torch.save(tensors, metadata={"format": "pt", CONFIG_KEY: model.config.to_json()})
+    fs, path = fsspec.core.url_to_fs(uri)
+    parent = os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if fs.protocol in ("file", ("file", "local")):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # readers never see a half-written checkpoint
+    else:
+        fs.pipe_file(path, data)  # object stores publish an object only once it is complete
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_metadata(uri: str, data: bytes) -> dict[str, str]:
+    """The safetensors header's __metadata__. safetensors' Python API reads metadata only from a
+    local file (safe_open), so the documented header (u64 little-endian length + JSON) is read here
+    to serve every fsspec URI from the same bytes."""
+    hint = ""
+    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":
+        hint = " (it looks like a PyTorch pickle, which isosr never loads: re-save it with save_checkpoint)"
+    if len(data) < 8:
+        raise CheckpointError(uri, f"not a safetensors file: only {len(data)} bytes{hint}")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8:
+        raise CheckpointError(uri, f"not a safetensors file: header length {size} exceeds the file{hint}")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(uri, f"not a safetensors file: its header is not JSON{hint}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(uri, "not a safetensors file: its header is not a JSON object")
+    metadata = header.get("__metadata__") or {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+        out[name] = tensor
+    return out
+
+
+def _check_state(uri: str, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong_shape = [
+        f"{k} {tuple(got[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in sorted(set(expected) & set(got))
+        if got[k].shape != expected[k].shape
+    ]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape)):
+        if items:
+            shown = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+            problems.append(f"{len(items)} {label}: {shown}")
+    if problems:
+        raise CheckpointError(uri, "weights do not match the config in its metadata; " + "; ".join(problems))
+
+
+def read_bytes(uri: str) -> bytes:
+    """The file's bytes through fsspec; a missing file raises CheckpointError."""
+    try:
+        with fsspec.open(uri, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CheckpointError(uri, "no such file; pass --checkpoint with a path or URI that exists") from None
+    except IsADirectoryError:
+        raise CheckpointError(uri, "is a directory, not a .safetensors file") from None
+
+
+def load_checkpoint(uri: str | os.PathLike, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Build the network described by the checkpoint's config and load its weights, strictly.
+
+    Raises CheckpointError (naming the file) for: no such file, not safetensors, no or bad config
+    in the metadata, missing/unexpected keys or wrong shapes. Never unpickles.
+    """
+    uri = os.fspath(uri)
+    data = read_bytes(uri)
+    metadata = _read_metadata(uri, data)
+    if CONFIG_KEY not in metadata:
+        raise CheckpointError(
+            uri, f"its metadata has no {CONFIG_KEY!r} entry, so the network it holds is unknown; save it with save_checkpoint"
+        )
+    try:
+        config = DenseIsoViTConfig.from_json(metadata[CONFIG_KEY])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(uri, f"bad {CONFIG_KEY!r} in its metadata: {e}") from None
+    try:
+        state = _canonical(safetensors.torch.load(data))
+    except Exception as e:  # safetensors raises its own error types for corrupt payloads
+        raise CheckpointError(uri, f"not a readable safetensors file: {e}") from None
+    model = DenseIsoViT(config)
+    _check_state(uri, model.state_dict(), state)
+    model.load_state_dict(state, strict=True)
+    return Checkpoint(model.to(device).eval(), config, hashlib.sha256(data).hexdigest(), uri)

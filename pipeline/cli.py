@@ -1,0 +1,185 @@
+"""The `isosr` command.
+
+  isosr upscale SRC DST [--checkpoint URI] [--halo N] [--batch-size N] [--format F] [--device D]
+  isosr info [--checkpoint URI | --variant NAME]
+  isosr demo [--out DIR]
+
+Exit status: 0 when every input succeeded, 3 when some failed (listed), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
+DEFAULT_HALO = 4  # LR pixels of overlap on each side of a 64-pixel tile: (64/56)^2 = 1.31x the compute
+DEFAULT_BATCH_SIZE = 8
+DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "camera")  # scikit-image's bundled photos (camera is grey)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        metavar="URI",
+        help="safetensors checkpoint: a path or any fsspec URI (s3://, https://, memory://). "
+        "Default: the shipped default weights",
+    )
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when present, else cpu)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="autocast dtype (default auto: bf16 on GPUs that have it, float32 on CPU)",
+    )
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    _add_model_options(parser)
+    parser.add_argument(
+        "--halo",
+        type=int,
+        default=DEFAULT_HALO,
+        help=f"overlap in input pixels on each side of a tile, below half the tile (default {DEFAULT_HALO})",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help=f"tiles per forward pass (default {DEFAULT_BATCH_SIZE})"
+    )
+    parser.add_argument(
+        "--format",
+        dest="output_format",
+        type=str.upper,
+        choices=["PNG", "JPEG", "WEBP", "TIFF", "BMP"],
+        help="output format (default: the input's; GIF becomes PNG)",
+    )
+    parser.add_argument("--max-pixels", type=_positive, default=200_000_000, help="refuse inputs with more pixels (default 2e8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="isosr", description="Upscale images x4 with the Dense-Iso-ViT transformer.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    upscale = commands.add_parser("upscale", help="upscale an image file or a folder of images")
+    upscale.add_argument("src", type=Path, help="an image file or a folder (searched recursively)")
+    upscale.add_argument("dst", type=Path, help="output folder; relative paths are mirrored")
+    _add_run_options(upscale)
+
+    info = commands.add_parser("info", help="describe the model: variant, parameters, checkpoint digest")
+    _add_model_options(info)
+    info.add_argument("--variant", help="describe an untrained named variant instead of a checkpoint")
+
+    demo = commands.add_parser("demo", help="upscale scikit-image's sample photos into a local folder")
+    demo.add_argument("--out", type=Path, default=Path("isosr-demo"), help="folder for input/ and output/ (default ./isosr-demo)")
+    _add_run_options(demo)
+    return parser
+
+
+def _load(args: argparse.Namespace, *, variant_name: str | None = None):
+    from model.inference import TileUpscaler, load_model
+
+    source = load_model(args.checkpoint, untrained_variant=variant_name or "full")
+    return source, TileUpscaler(source.model, device=args.device, dtype=args.precision)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from model.config import VARIANTS
+    from model.network import parameter_count
+
+    source, runner = _load(args, variant_name=args.variant)
+    config = source.model.config
+    name = next((n for n, c in VARIANTS.items() if c == config), "custom")
+    params = parameter_count(source.model)
+    print(f"model      Dense-Iso-ViT, variant {name}")
+    print(f"parameters {params:,} ({params / 1e6:.2f} M)")
+    print(f"scale      x{config.scale}, {config.tile_size}x{config.tile_size} tiles -> "
+          f"{config.tile_size * config.scale}x{config.tile_size * config.scale}")
+    print(f"weights    {source.description}")
+    print(f"version    {source.version}")
+    print(f"device     {runner.device} ({runner.dtype})")
+    print(f"config     {dataclasses.asdict(config)}")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace, src: Path, dst: Path) -> int:
+    from pipeline.local import upscale_folder
+
+    from model.tiling import check_halo
+
+    source, runner = _load(args)
+    try:
+        check_halo(args.halo, runner.tile_size)
+    except ValueError as e:
+        print(f"isosr: --halo: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"isosr: {source.description} (version {source.version}) on {runner.device} ({runner.dtype})", file=sys.stderr)
+    summary = upscale_folder(
+        src,
+        dst,
+        runner,
+        halo=args.halo,
+        batch_size=args.batch_size,
+        output_format=args.output_format,
+        max_pixels=args.max_pixels,
+    )
+    for line in summary.lines():
+        print(line)
+    return EXIT_SOME_FAILED if summary.failed else EXIT_OK
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    return _run(args, args.src, args.dst)
+
+
+def write_demo_inputs(folder: Path) -> list[Path]:
+    """Save scikit-image's bundled sample photos (no download) as PNG files in `folder`."""
+    import skimage.data
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in DEMO_PHOTOS:
+        path = folder / f"{name}.png"
+        if not path.exists():
+            Image.fromarray(getattr(skimage.data, name)()).save(path)
+        paths.append(path)
+    return paths
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    inputs, outputs = args.out / "input", args.out / "output"
+    write_demo_inputs(inputs)
+    status = _run(args, inputs, outputs)
+    print(f"demo: inputs in {inputs.resolve()}, x4 outputs in {outputs.resolve()}")
+    return status
+
+
+def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    src = getattr(args, "src", None)
+    if src is not None and not src.exists():
+        parser.error(f"input {src} does not exist")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check(args, parser)
+    from model.checkpoint import CheckpointError
+
+    try:
+        return {"upscale": cmd_upscale, "info": cmd_info, "demo": cmd_demo}[args.command](args)
+    except CheckpointError as e:
+        print(f"isosr: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

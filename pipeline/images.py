@@ -1,0 +1,107 @@
+"""Image files <-> arrays the tiler takes, with Pillow.
+
+Decoding applies the EXIF orientation and maps every Pillow mode to one of the tiler's layouts:
+  L -> HxW uint8; LA -> HxWx2; RGB -> HxWx3; RGBA -> HxWx4; I;16* / I (16-bit grey) -> HxW uint16;
+  1 -> L; P -> RGBA if it has transparency, else RGB; PA -> RGBA; CMYK, YCbCr, LAB, HSV -> RGB.
+The ICC profile travels with the image so the output keeps the input's colours.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Suffix -> Pillow format. Output defaults to the input's format (GIF becomes PNG: a palette of
+# 256 colours would undo the upscale).
+FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+}
+OUTPUT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".png"}
+_RGB_MODES = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"}
+
+
+class DecodeError(ValueError):
+    """An input that is not a usable image; the message says why."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    pixels: np.ndarray  # HxW, HxWx2, x3 or x4; uint8 or uint16
+    format: str  # Pillow format of the source, e.g. "PNG"
+    icc_profile: bytes | None
+
+
+def decode(data: bytes, *, name: str = "<bytes>", max_pixels: int | None = None) -> Decoded:
+    """Decode image bytes (first frame of animations). Raises DecodeError naming `name` for empty,
+    truncated or unknown data, unsupported modes, and images above `max_pixels`."""
+    if not data:
+        raise DecodeError(f"{name}: empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise DecodeError(
+                    f"{name}: {img.width}x{img.height} = {img.width * img.height} pixels is above the "
+                    f"limit of {max_pixels}; raise --max-pixels if this image is expected"
+                )
+            fmt = img.format or "PNG"
+            icc = img.info.get("icc_profile")
+            img.seek(0)
+            img = ImageOps.exif_transpose(img)
+            pixels = _to_array(img, name)
+    except DecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DecodeError(f"{name}: not a readable image ({e})") from None
+    return Decoded(pixels, fmt, icc)
+
+
+def _to_array(img: Image.Image, name: str) -> np.ndarray:
+    mode = img.mode
+    if mode == "1":
+        img = img.convert("L")
+    elif mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    elif mode in _RGB_MODES:
+        img = img.convert("RGB")
+    elif mode.startswith("I;16") or mode == "I":
+        pixels = np.asarray(img)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise DecodeError(f"{name}: 32-bit integer pixels outside the 16-bit range are not supported")
+        return pixels.astype(np.uint16)
+    if img.mode not in ("L", "LA", "RGB", "RGBA"):
+        raise DecodeError(f"{name}: pixel mode {mode!r} is not supported (supported: L, LA, RGB, RGBA, P, I;16, CMYK)")
+    return np.asarray(img)
+
+
+def encode(pixels: np.ndarray, fmt: str, *, icc_profile: bytes | None = None, quality: int = 95) -> bytes:
+    """Encode an array (layouts as `decode` returns) in Pillow format `fmt`. JPEG cannot hold alpha
+    or 16 bits: alpha is composited onto white and 16-bit is reduced to 8-bit for it."""
+    fmt = "PNG" if fmt == "GIF" else fmt
+    img = Image.fromarray(pixels)
+    if fmt in ("JPEG", "BMP") and img.mode in ("LA", "RGBA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA")).convert("RGB" if img.mode == "RGBA" else "L")
+    if fmt in ("JPEG", "WEBP", "BMP") and pixels.dtype == np.uint16:
+        img = Image.fromarray((pixels // 257).astype(np.uint8))
+    options: dict[str, object] = {}
+    if icc_profile:
+        options["icc_profile"] = icc_profile
+    if fmt in ("JPEG", "WEBP"):
+        options["quality"] = quality
+    if fmt == "PNG":
+        options["compress_level"] = 6
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
