@@ -52,19 +52,30 @@ def save_checkpoint(model: DenseIsoViT, uri: str | os.PathLike, *, dtype: torch.
         name: (t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()).contiguous().cpu()
         for name, t in model.state_dict().items()
     }
-    data = safetensors.torch.save(tensors, metadata={"format": "pt", CONFIG_KEY: model.config.to_json()})
+    # One metadata entry only: safetensors writes its metadata map in no fixed order, and the
+    # file's digest is the model version, so the same weights must always give the same bytes.
+    data = safetensors.torch.save(tensors, metadata={CONFIG_KEY: model.config.to_json()})
     fs, path = fsspec.core.url_to_fs(uri)
+    if not _is_local(fs):
+        fs.pipe_file(path, data)  # object stores publish an object only once it is complete
+        return hashlib.sha256(data).hexdigest()
     parent = os.path.dirname(path)
     if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if fs.protocol in ("file", ("file", "local")):
-        tmp = f"{path}.tmp-{os.getpid()}"
+        os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)  # readers never see a half-written checkpoint
-    else:
-        fs.pipe_file(path, data)  # object stores publish an object only once it is complete
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return hashlib.sha256(data).hexdigest()
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols
 
 
 def _read_metadata(uri: str, data: bytes) -> dict[str, str]:
@@ -92,9 +103,8 @@ def _read_metadata(uri: str, data: bytes) -> dict[str, str]:
 def _canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in state.items():
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
+        while name.startswith(_WRAPPER_PREFIXES):  # wrappers nest: _orig_mod.module.x
+            name = name.split(".", 1)[1]
         out[name] = tensor
     return out
 
@@ -117,14 +127,17 @@ def _check_state(uri: str, expected: dict[str, torch.Tensor], got: dict[str, tor
 
 
 def read_bytes(uri: str) -> bytes:
-    """The file's bytes through fsspec; a missing file raises CheckpointError."""
+    """The file's bytes through fsspec; a missing file or a folder raises CheckpointError."""
+    fs, path = fsspec.core.url_to_fs(uri)
     try:
-        with fsspec.open(uri, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise CheckpointError(uri, "no such file; pass --checkpoint with a path or URI that exists") from None
-    except IsADirectoryError:
-        raise CheckpointError(uri, "is a directory, not a .safetensors file") from None
+        data = fs.cat_file(path)
+    except (FileNotFoundError, IsADirectoryError):
+        data = None
+    if not data and fs.isdir(path):  # asked only on failure: over HTTP it would fetch the file
+        raise CheckpointError(uri, "is a directory (or key prefix), not a .safetensors file")
+    if data is None:
+        raise CheckpointError(uri, "no such file; pass --checkpoint with a path or URI that exists")
+    return data
 
 
 def load_checkpoint(uri: str | os.PathLike, *, device: str | torch.device = "cpu") -> Checkpoint:
@@ -142,13 +155,13 @@ def load_checkpoint(uri: str | os.PathLike, *, device: str | torch.device = "cpu
         )
     try:
         config = DenseIsoViTConfig.from_json(metadata[CONFIG_KEY])
-    except (ValueError, TypeError) as e:
+        model = DenseIsoViT(config)
+    except Exception as e:  # any config the network cannot be built from
         raise CheckpointError(uri, f"bad {CONFIG_KEY!r} in its metadata: {e}") from None
     try:
         state = _canonical(safetensors.torch.load(data))
     except Exception as e:  # safetensors raises its own error types for corrupt payloads
         raise CheckpointError(uri, f"not a readable safetensors file: {e}") from None
-    model = DenseIsoViT(config)
     _check_state(uri, model.state_dict(), state)
     model.load_state_dict(state, strict=True)
     return Checkpoint(model.to(device).eval(), config, hashlib.sha256(data).hexdigest(), uri)

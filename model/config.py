@@ -25,6 +25,16 @@ import json
 from dataclasses import dataclass
 
 
+def _require_positive(name: str, values: object, kind: type | tuple[type, ...]) -> None:
+    """A checkpoint's JSON can hold anything: fail here, by field name, not deep inside torch."""
+    if (
+        not isinstance(values, tuple)
+        or not values
+        or any(isinstance(v, bool) or not isinstance(v, kind) or v <= 0 for v in values)
+    ):
+        raise ValueError(f"{name} must be positive numbers ({kind}), got {values!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DenseIsoViTConfig:
     """Everything needed to build a Dense-Iso-ViT. Validated on construction."""
@@ -42,6 +52,14 @@ class DenseIsoViTConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        if not isinstance(self.qkv_bias, bool):
+            raise TypeError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
+        for name in ("tile_size", "patch_size", "in_channels", "fusion_channels"):
+            _require_positive(name, (getattr(self, name),), int)
+        for name in ("embed_dims", "num_heads", "depths", "upsample_channels"):
+            _require_positive(name, getattr(self, name), int)
+        for name in ("gdfn_expansion", "layer_norm_eps"):
+            _require_positive(name, (getattr(self, name),), (int, float))
         stages = len(self.embed_dims)
         if not (len(self.num_heads) == len(self.depths) == stages):
             raise ValueError(
