@@ -31,6 +31,9 @@ import numpy as np
 from scipy import ndimage
 
 
+DEFAULT_HALO = 4  # input pixels of overlap per tile side: (64 / 56)^2 = 1.31x the compute of none
+
+
 class TileModel(Protocol):
     """What the tiler needs of a network: it maps (N, 3, T, T) float32 in [0, 1] to
     (N, 3, s*T, s*T) float32, with T = tile_size and s = scale."""
@@ -195,10 +198,8 @@ def blend_tiles(outputs: np.ndarray, plan: TilePlan, scale: int) -> np.ndarray:
 
 
 def _max_value(dtype: np.dtype) -> float:
-    if dtype == np.uint8:
-        return 255.0
-    if dtype == np.uint16:
-        return 65535.0
+    if dtype.kind == "u" and dtype.itemsize in (1, 2):  # either byte order: 16-bit TIFFs can be big-endian
+        return float(2 ** (8 * dtype.itemsize) - 1)
     raise TypeError(f"images must be uint8 or uint16, got {dtype}")
 
 
@@ -257,14 +258,15 @@ class _Job:
 
 
 def upscale_arrays(
-    images: Iterable[np.ndarray], model: TileModel, *, halo: int, batch_size: int
+    images: Iterable[np.ndarray], model: TileModel, *, halo: int = DEFAULT_HALO, batch_size: int = 8
 ) -> Iterator[np.ndarray]:
     """Upscale images (HxW, HxWx1, x2, x3 or x4; uint8 or uint16) by model.scale, yielding each in
     input order as soon as its last tile is blended. Tiles of consecutive images share batches of
-    `batch_size`; at most one batch of images beyond the one being yielded is held.
+    `batch_size`; an image is taken from `images` only when its tiles are needed to fill a batch.
 
     Output: same layout and dtype, exactly (scale*H)x(scale*W). Raises ValueError/TypeError for a
-    layout, dtype or halo it cannot handle, before running the model on that image.
+    layout, dtype or halo it cannot handle, before running the model on that image and after
+    yielding every image before it.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -284,8 +286,14 @@ def upscale_arrays(
             yield _merge([c.result() for c in job.canvases], job.image)
 
     for image in images:
-        planes = _planes(image)
-        plan = plan_tiles(planes[0].shape[0], planes[0].shape[1], tile=tile, halo=halo)
+        try:
+            planes = _planes(image)
+            plan = plan_tiles(planes[0].shape[0], planes[0].shape[1], tile=tile, halo=halo)
+        except (ValueError, TypeError):
+            while pending:  # deliver the images before the bad one, then report it
+                run_batch(batch_size)
+                yield from finished()
+            raise
         job = _Job(image, [Canvas(plan, scale, 3) for _ in planes])
         jobs.append(job)
         for canvas, plane in zip(job.canvases, planes):
@@ -299,6 +307,6 @@ def upscale_arrays(
     yield from finished()
 
 
-def upscale_array(image: np.ndarray, model: TileModel, *, halo: int, batch_size: int = 8) -> np.ndarray:
+def upscale_array(image: np.ndarray, model: TileModel, *, halo: int = DEFAULT_HALO, batch_size: int = 8) -> np.ndarray:
     """Upscale one image; see `upscale_arrays` for what is accepted and guaranteed."""
     return next(upscale_arrays([image], model, halo=halo, batch_size=batch_size))

@@ -14,8 +14,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from model.tiling import DEFAULT_HALO
+
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
-DEFAULT_HALO = 4  # LR pixels of overlap on each side of a 64-pixel tile: (64/56)^2 = 1.31x the compute
 DEFAULT_BATCH_SIZE = 8
 DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "camera")  # scikit-image's bundled photos (camera is grey)
 
