@@ -22,4 +22,7 @@ demo: $(VENV)/.installed
 	$(BIN)/isosr demo
 
 test: $(VENV)/.installed
+	@# The report test opens report.html in a real headless browser: Debian's chromium.
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "chromium is not installed: the browser test of report.html will be skipped"
 	$(BIN)/python -m pytest

@@ -132,56 +132,123 @@ def plan_tiles(height: int, width: int, *, tile: int, halo: int) -> TilePlan:
     )
 
 
-def extract_tiles(plane: np.ndarray, plan: TilePlan) -> np.ndarray:
-    """(H, W, C) float32 plane -> (N, C, T, T) float32 tiles, in `plan.boxes` order."""
+@dataclass(frozen=True)
+class Band:
+    """A horizontal slice of an image's work: the tile rows it runs and the output rows it owns.
+
+    Output rows are split where the next tile row's blend weight starts (rounded down to a multiple
+    of the scale), so a band's owned rows need only its own tile rows plus, at most, the last tile
+    row(s) of the band above: every output pixel is blended from exactly the tiles and weights of
+    the whole-image plan, and the bands' rows stacked equal the unsplit result.
+    """
+
+    tile_rows: tuple[int, int]  # [r0, r1) of plan.ys
+    out_rows: tuple[int, int]  # owned output rows, in output-image coordinates
+    in_rows: tuple[int, int]  # input rows the tiles read, in input-image coordinates (padding excluded)
+
+
+def whole_image(plan: TilePlan, scale: int) -> Band:
+    return Band((0, len(plan.ys)), (0, scale * plan.height), (0, plan.height))
+
+
+def split_rows(plan: TilePlan, scale: int, *, max_tiles: int, min_rows: int = 4) -> list[Band]:
+    """Split an image with more than `max_tiles` tiles into bands of about max_tiles tiles (at least
+    `min_rows` tile rows each, bounding the rows run twice to one in min_rows). An image of one
+    tile row, or one that fits, is one band."""
+    n_rows, n_cols = len(plan.ys), len(plan.xs)
+    if n_rows * n_cols <= max_tiles or n_rows < 2 * min_rows:
+        return [whole_image(plan, scale)]
+    # Only images taller than a tile get here, so there is no vertical padding to account for.
+    per_band = max(min_rows, max_tiles // n_cols)
+    weights = axis_weights(list(plan.ys), plan.tile, scale)
+    cuts = [0]
+    for r in range(per_band, n_rows - min_rows + 1, per_band):
+        first = scale * plan.ys[r] + int(np.flatnonzero(weights[r])[0])  # first output row tile r touches
+        cuts.append(first - first % scale)
+    cuts.append(scale * plan.height)
+    bands = []
+    for a, b in zip(cuts, cuts[1:]):
+        needed = [
+            j
+            for j, (y, w) in enumerate(zip(plan.ys, weights))
+            if w[max(a - scale * y, 0) : max(b - scale * y, 0)].any()
+        ]
+        r0, r1 = needed[0], needed[-1] + 1
+        bands.append(Band((r0, r1), (a, b), (plan.ys[r0], plan.ys[r1 - 1] + plan.tile)))
+    return bands
+
+
+def extract_tiles(plane: np.ndarray, plan: TilePlan, band: Band | None = None) -> np.ndarray:
+    """(H, W, C) float32 plane -> (N, C, T, T) float32 tiles of `band` (default: the whole image),
+    row-major. For a band, `plane` holds only the band's input rows (band.in_rows)."""
+    band = band or Band((0, len(plan.ys)), (0, 0), (0, plan.height))
     top, bottom, left, right = plan.pad
     if any(plan.pad):
         plane = np.pad(plane, ((top, bottom), (left, right), (0, 0)), mode="symmetric")
-    t = plan.tile
-    tiles = np.stack([plane[y : y + t, x : x + t] for y, x in plan.boxes])  # (N, T, T, C)
-    return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))
+    t, origin = plan.tile, band.in_rows[0]
+    r0, r1 = band.tile_rows
+    tiles = np.stack([plane[y - origin : y - origin + t, x : x + t] for y in plan.ys[r0:r1] for x in plan.xs])
+    return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))  # (N, C, T, T)
 
 
 @dataclass
 class Canvas:
-    """Accumulates weighted upscaled tiles of one plane; `result()` divides and crops the pad."""
+    """Accumulates the weighted upscaled tiles of one plane (or one band of it); `result()`
+    normalises, crops padding and returns the owned output rows."""
 
     plan: TilePlan
     scale: int
     channels: int
-    total: np.ndarray = field(init=False)
-    weight: np.ndarray = field(init=False)
+    band: Band | None = None
     filled: int = 0
 
     def __post_init__(self) -> None:
-        h, w = self.plan.padded_shape
-        s = self.scale
-        self.total = np.zeros((s * h, s * w, self.channels), np.float32)
-        self.weight = np.zeros((s * h, s * w, 1), np.float32)
-        self._wy = axis_weights(list(self.plan.ys), self.plan.tile, s)
-        self._wx = axis_weights(list(self.plan.xs), self.plan.tile, s)
+        s, plan = self.scale, self.plan
+        self.band = self.band or whole_image(plan, s)
+        r0, r1 = self.band.tile_rows
+        self._origin = s * plan.ys[r0]  # padded-output row of the canvas's first row
+        height = s * (plan.ys[r1 - 1] + plan.tile) - self._origin
+        self.total = np.zeros((height, s * plan.padded_shape[1], self.channels), np.float32)
+        self._wy = axis_weights(list(plan.ys), plan.tile, s)
+        self._wx = axis_weights(list(plan.xs), plan.tile, s)
+        # Every tile of a band spans all tile columns, so the weight sum is separable: sum_y x sum_x.
+        self._sum_y = np.zeros(height)
+        for iy in range(r0, r1):
+            y = s * plan.ys[iy] - self._origin
+            self._sum_y[y : y + s * plan.tile] += self._wy[iy]
+        self._sum_x = np.zeros(s * plan.padded_shape[1])
+        for ix, x in enumerate(plan.xs):
+            self._sum_x[s * x : s * (x + plan.tile)] += self._wx[ix]
+
+    def __len__(self) -> int:
+        r0, r1 = self.band.tile_rows
+        return (r1 - r0) * len(self.plan.xs)
 
     def add(self, index: int, tile_out: np.ndarray) -> None:
-        """Blend in the (C, sT, sT) output of tile `index` (in plan.boxes order)."""
-        n_x = len(self.plan.xs)
-        iy, ix = divmod(index, n_x)
-        y, x = self.plan.ys[iy] * self.scale, self.plan.xs[ix] * self.scale
+        """Blend in the (C, sT, sT) output of the band's tile `index` (row-major within the band)."""
+        ix_count = len(self.plan.xs)
+        iy, ix = divmod(index, ix_count)
+        iy += self.band.tile_rows[0]
+        y = self.scale * self.plan.ys[iy] - self._origin
+        x = self.scale * self.plan.xs[ix]
         side = self.plan.tile * self.scale
-        w = (self._wy[iy][:, None] * self._wx[ix][None, :]).astype(np.float32)[..., None]  # (sT, sT, 1)
-        self.total[y : y + side, x : x + side] += tile_out.transpose(1, 2, 0) * w
-        self.weight[y : y + side, x : x + side] += w
+        w = (self._wy[iy][:, None] * self._wx[ix][None, :]).astype(np.float32)  # (sT, sT)
+        self.total[y : y + side, x : x + side] += tile_out.transpose(1, 2, 0) * w[..., None]
         self.filled += 1
 
     @property
     def done(self) -> bool:
-        return self.filled == len(self.plan)
+        return self.filled == len(self)
 
     def result(self) -> np.ndarray:
-        """(s*H, s*W, C) float32, clipped to [0, 1]."""
-        top, _, left, _ = self.plan.pad
+        """The owned output rows, (rows, s*W, C) float32 clipped to [0, 1]."""
         s = self.scale
-        out = self.total / self.weight
-        out = out[s * top : s * (top + self.plan.height), s * left : s * (left + self.plan.width)]
+        _, _, left, _ = self.plan.pad
+        a, b = self.band.out_rows
+        rows = slice(a + s * self.plan.pad[0] - self._origin, b + s * self.plan.pad[0] - self._origin)
+        cols = slice(s * left, s * (left + self.plan.width))
+        weight = self._sum_y[rows, None] * self._sum_x[None, cols]
+        out = self.total[rows, cols] / weight[..., None].astype(np.float32)
         return np.clip(out, 0.0, 1.0)
 
 
@@ -205,7 +272,8 @@ def _max_value(dtype: np.dtype) -> float:
 
 def fill_transparent(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Colour of fully transparent pixels replaced by that of the nearest visible pixel, so that
-    upscaling cannot pull their (often black) colour into visible edges. Visible pixels unchanged."""
+    upscaling cannot pull their (often black) colour into visible edges. Visible pixels unchanged.
+    Any dtype; `alpha` is HxW."""
     hidden = alpha <= 0
     if not hidden.any() or hidden.all():
         return rgb
@@ -213,22 +281,29 @@ def fill_transparent(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return rgb[iy, ix]
 
 
-def _planes(image: np.ndarray) -> list[np.ndarray]:
-    """Split an HxW[xC] image (C = 1, 2, 3, 4) into 3-channel float32 planes: colour, then alpha."""
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
+def prepare(image: np.ndarray) -> np.ndarray:
+    """Check an image's layout and dtype and fill the colour under fully transparent pixels.
+    Raises ValueError (layout, size) or TypeError (dtype) saying what was expected."""
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 2, 3, 4)):
         raise ValueError(f"expected an HxW, HxWx1, x2 (grey+alpha), x3 or x4 (RGBA) image, got shape {image.shape}")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image must be at least 1x1, got {image.shape[0]}x{image.shape[1]}")
-    x = image.astype(np.float32) / _max_value(image.dtype)
-    channels = image.shape[2]
-    colour, alpha = (x[..., :-1], x[..., -1]) if channels in (2, 4) else (x, None)
-    if colour.shape[2] == 1:
-        colour = np.repeat(colour, 3, axis=2)
-    if alpha is None:
-        return [colour]
-    return [fill_transparent(colour, alpha), np.repeat(alpha[..., None], 3, axis=2)]
+    _max_value(image.dtype)
+    if image.ndim == 3 and image.shape[2] in (2, 4):
+        colour = fill_transparent(image[..., :-1], image[..., -1])
+        image = np.concatenate([colour, image[..., -1:]], axis=2)
+    return image
+
+
+def _planes(pixels: np.ndarray) -> list[np.ndarray]:
+    """A prepared image (or rows of one) as 3-channel float32 planes in [0, 1]: colour, then alpha."""
+    x = pixels.astype(np.float32) / _max_value(pixels.dtype)
+    if x.ndim == 2:
+        x = x[..., None]
+    channels = x.shape[2]
+    colour, alpha = (x[..., :-1], x[..., -1:]) if channels in (2, 4) else (x, None)
+    planes = [np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour]
+    return planes + ([np.repeat(alpha, 3, axis=2)] if alpha is not None else [])
 
 
 def _merge(planes: list[np.ndarray], like: np.ndarray) -> np.ndarray:
@@ -247,9 +322,27 @@ def _merge(planes: list[np.ndarray], like: np.ndarray) -> np.ndarray:
 # Entry points
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A unit of tiler work: a whole image, or one band of a large one."""
+
+    pixels: np.ndarray  # rows band.in_rows of a prepared image
+    plan: TilePlan  # the whole image's plan
+    band: Band
+
+
+def split_image(image: np.ndarray, *, tile: int, scale: int, halo: int, max_tiles: int | None = None) -> list[Piece]:
+    """Prepare an image and cut it into pieces of about `max_tiles` tiles (None: one piece).
+    Upscaling the pieces and stacking their rows gives the image's whole upscale."""
+    image = prepare(image)
+    plan = plan_tiles(image.shape[0], image.shape[1], tile=tile, halo=halo)
+    bands = [whole_image(plan, scale)] if max_tiles is None else split_rows(plan, scale, max_tiles=max_tiles)
+    return [Piece(image[b.in_rows[0] : b.in_rows[1]], plan, b) for b in bands]
+
+
 @dataclass
 class _Job:
-    image: np.ndarray
+    like: np.ndarray  # layout and dtype of the result
     canvases: list[Canvas]
 
     @property
@@ -257,25 +350,18 @@ class _Job:
         return all(c.done for c in self.canvases)
 
 
-def upscale_arrays(
-    images: Iterable[np.ndarray], model: TileModel, *, halo: int = DEFAULT_HALO, batch_size: int = 8
-) -> Iterator[np.ndarray]:
-    """Upscale images (HxW, HxWx1, x2, x3 or x4; uint8 or uint16) by model.scale, yielding each in
-    input order as soon as its last tile is blended. Tiles of consecutive images share batches of
-    `batch_size`; an image is taken from `images` only when its tiles are needed to fill a batch.
-
-    Output: same layout and dtype, exactly (scale*H)x(scale*W). Raises ValueError/TypeError for a
-    layout, dtype or halo it cannot handle, before running the model on that image and after
-    yielding every image before it.
-    """
+def upscale_pieces(pieces: Iterable[Piece], model: TileModel, *, batch_size: int = 8) -> Iterator[np.ndarray]:
+    """Upscale pieces by model.scale, yielding each one's owned output rows (same layout and dtype)
+    in input order as soon as its last tile is blended. Tiles of consecutive pieces share batches of
+    `batch_size`; a piece is taken from `pieces` only when its tiles are needed to fill a batch.
+    If taking the next piece raises, every piece before it is delivered first, then the error."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    tile, scale = model.tile_size, model.scale
     jobs: deque[_Job] = deque()
     pending: deque[tuple[Canvas, int, np.ndarray]] = deque()  # (canvas, tile index, tile)
 
-    def run_batch(n: int) -> None:
-        batch = [pending.popleft() for _ in range(min(n, len(pending)))]
+    def run_batch() -> None:
+        batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
         outputs = model(np.stack([t for _, _, t in batch]))
         for (canvas, index, _), out in zip(batch, outputs):
             canvas.add(index, out)
@@ -283,28 +369,49 @@ def upscale_arrays(
     def finished() -> Iterator[np.ndarray]:
         while jobs and jobs[0].done:
             job = jobs.popleft()
-            yield _merge([c.result() for c in job.canvases], job.image)
+            yield _merge([c.result() for c in job.canvases], job.like)
 
-    for image in images:
+    source = iter(pieces)
+    while True:
         try:
-            planes = _planes(image)
-            plan = plan_tiles(planes[0].shape[0], planes[0].shape[1], tile=tile, halo=halo)
+            piece = next(source)
+        except StopIteration:
+            break
         except (ValueError, TypeError):
-            while pending:  # deliver the images before the bad one, then report it
-                run_batch(batch_size)
+            while pending:
+                run_batch()
                 yield from finished()
             raise
-        job = _Job(image, [Canvas(plan, scale, 3) for _ in planes])
+        planes = _planes(piece.pixels)
+        job = _Job(piece.pixels, [Canvas(piece.plan, model.scale, 3, piece.band) for _ in planes])
         jobs.append(job)
         for canvas, plane in zip(job.canvases, planes):
-            pending.extend((canvas, i, t) for i, t in enumerate(extract_tiles(plane, plan)))
+            pending.extend((canvas, i, t) for i, t in enumerate(extract_tiles(plane, piece.plan, piece.band)))
         while len(pending) >= batch_size:
-            run_batch(batch_size)
+            run_batch()
             yield from finished()
     while pending:
-        run_batch(batch_size)
+        run_batch()
         yield from finished()
     yield from finished()
+
+
+def upscale_arrays(
+    images: Iterable[np.ndarray], model: TileModel, *, halo: int = DEFAULT_HALO, batch_size: int = 8
+) -> Iterator[np.ndarray]:
+    """Upscale images (HxW, HxWx1, x2, x3 or x4; uint8 or uint16) by model.scale, yielding each in
+    input order as soon as its last tile is blended; tiles of consecutive images share batches.
+
+    Output: same layout and dtype, exactly (scale*H)x(scale*W). Raises ValueError/TypeError for a
+    layout, dtype or halo it cannot handle, before running the model on that image and after
+    yielding every image before it.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    pieces = (
+        split_image(image, tile=model.tile_size, scale=model.scale, halo=halo)[0] for image in images
+    )
+    return upscale_pieces(pieces, model, batch_size=batch_size)
 
 
 def upscale_array(image: np.ndarray, model: TileModel, *, halo: int = DEFAULT_HALO, batch_size: int = 8) -> np.ndarray:

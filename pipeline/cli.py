@@ -1,6 +1,8 @@
 """The `isosr` command.
 
-  isosr upscale SRC DST [--checkpoint URI] [--halo N] [--batch-size N] [--format F] [--device D]
+  isosr upscale SRC DST [--address ADDR] [--checkpoint URI] [--min-workers N] [--max-workers N]
+                        [--gpus-per-worker G] [--batch-size N] [--halo N] [--format F]
+                        [--skip-existing | --overwrite] [--spot-check-rate R] [--max-pixels N]
   isosr info [--checkpoint URI | --variant NAME]
   isosr demo [--out DIR]
 
@@ -63,6 +65,30 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="output format (default: the input's; GIF becomes PNG)",
     )
     parser.add_argument("--max-pixels", type=_positive, default=200_000_000, help="refuse inputs with more pixels (default 2e8)")
+    parser.add_argument("--address", help="an existing Ray cluster (e.g. auto, or ray://HEAD:10001); default: start a local one")
+    parser.add_argument("--min-workers", type=_positive, default=1, help="model actors kept up (default 1)")
+    parser.add_argument("--max-workers", type=_positive, help="model actors at most (default: one per GPU, or 1 on CPU)")
+    parser.add_argument(
+        "--gpus-per-worker", type=float, help="GPUs each model actor reserves (default: 1 if the cluster has GPUs, else 0)"
+    )
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--skip-existing", dest="skip_existing", action="store_true", default=True, help="leave outputs that exist (default)"
+    )
+    existing.add_argument("--overwrite", dest="skip_existing", action="store_false", help="redo outputs that exist")
+    parser.add_argument(
+        "--spot-check-rate",
+        type=_rate,
+        default=0.05,
+        help="share of inputs given the round-trip PSNR check, 0-1 (default 0.05; at least one per run)",
+    )
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     upscale = commands.add_parser("upscale", help="upscale an image file or a folder of images")
-    upscale.add_argument("src", type=Path, help="an image file or a folder (searched recursively)")
-    upscale.add_argument("dst", type=Path, help="output folder; relative paths are mirrored")
+    upscale.add_argument("src", help="an image file, or a folder or prefix searched recursively: a path or URI (s3://...)")
+    upscale.add_argument("dst", help="output folder or prefix; relative paths are mirrored")
     _add_run_options(upscale)
 
     info = commands.add_parser("info", help="describe the model: variant, parameters, checkpoint digest")
@@ -110,30 +136,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run(args: argparse.Namespace, src: Path, dst: Path) -> int:
-    from pipeline.local import upscale_folder
+def _run(args: argparse.Namespace, src: str, dst: str) -> int:
+    from pipeline.run import RunOptions, UsageError, run, summary_lines
 
-    from model.tiling import check_halo
-
-    source, runner = _load(args)
-    try:
-        check_halo(args.halo, runner.tile_size)
-    except ValueError as e:
-        print(f"isosr: --halo: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"isosr: {source.description} (version {source.version}) on {runner.device} ({runner.dtype})", file=sys.stderr)
-    summary = upscale_folder(
-        src,
-        dst,
-        runner,
-        halo=args.halo,
+    options = RunOptions(
+        src=src,
+        dst=dst,
+        checkpoint=args.checkpoint,
+        address=args.address,
+        min_workers=args.min_workers,
+        max_workers=args.max_workers,
+        gpus_per_worker=args.gpus_per_worker,
         batch_size=args.batch_size,
+        halo=args.halo,
         output_format=args.output_format,
+        skip_existing=args.skip_existing,
+        spot_check_rate=args.spot_check_rate,
         max_pixels=args.max_pixels,
+        device=args.device,
+        precision=args.precision,
     )
-    for line in summary.lines():
+    try:
+        result = run(options)
+    except (FileNotFoundError, UsageError) as e:
+        print(f"isosr: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for line in summary_lines(result):
         print(line)
-    return EXIT_SOME_FAILED if summary.failed else EXIT_OK
+    return EXIT_SOME_FAILED if result.failed else EXIT_OK
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
@@ -158,21 +188,14 @@ def write_demo_inputs(folder: Path) -> list[Path]:
 def cmd_demo(args: argparse.Namespace) -> int:
     inputs, outputs = args.out / "input", args.out / "output"
     write_demo_inputs(inputs)
-    status = _run(args, inputs, outputs)
+    status = _run(args, str(inputs), str(outputs))
     print(f"demo: inputs in {inputs.resolve()}, x4 outputs in {outputs.resolve()}")
     return status
-
-
-def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    src = getattr(args, "src", None)
-    if src is not None and not src.exists():
-        parser.error(f"input {src} does not exist")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check(args, parser)
     from model.checkpoint import CheckpointError
 
     try:

@@ -12,7 +12,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Suffix -> Pillow format. Output defaults to the input's format (GIF becomes PNG: a palette of
 # 256 colours would undo the upscale).
@@ -30,6 +30,15 @@ OUTPUT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif",
 _RGB_MODES = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"}
 
 
+def output_format(key: str, requested: str | None = None) -> str:
+    """The Pillow format an input's output is written in: `requested`, else the format its suffix
+    names (GIF becomes PNG), else PNG."""
+    if requested:
+        return requested
+    fmt = FORMATS.get(("." + key.rsplit(".", 1)[-1].lower()) if "." in key else "", "PNG")
+    return "PNG" if fmt == "GIF" else fmt
+
+
 class DecodeError(ValueError):
     """An input that is not a usable image; the message says why."""
 
@@ -41,31 +50,41 @@ class Decoded:
     icc_profile: bytes | None
 
 
-def decode(data: bytes, *, name: str = "<bytes>", max_pixels: int | None = None) -> Decoded:
-    """Decode image bytes (first frame of animations). Raises DecodeError naming `name` for empty,
-    truncated or unknown data, unsupported modes, and images above `max_pixels`."""
+def decode(data: bytes, *, name: str | None = None, max_pixels: int | None = None) -> Decoded:
+    """Decode image bytes (first frame of animations). Raises DecodeError (its message starting with
+    `name`, when given) for empty, truncated or unknown data, unsupported modes, and images above
+    `max_pixels`."""
+    try:
+        return _decode(data, max_pixels)
+    except DecodeError as e:
+        raise DecodeError(f"{name}: {e}" if name else str(e)) from None
+
+
+def _decode(data: bytes, max_pixels: int | None) -> Decoded:
     if not data:
-        raise DecodeError(f"{name}: empty file (0 bytes)")
+        raise DecodeError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as img:
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise DecodeError(
-                    f"{name}: {img.width}x{img.height} = {img.width * img.height} pixels is above the "
+                    f"{img.width}x{img.height} = {img.width * img.height} pixels is above the "
                     f"limit of {max_pixels}; raise --max-pixels if this image is expected"
                 )
             fmt = img.format or "PNG"
             icc = img.info.get("icc_profile")
             img.seek(0)
             img = ImageOps.exif_transpose(img)
-            pixels = _to_array(img, name)
+            pixels = _to_array(img)
     except DecodeError:
         raise
+    except UnidentifiedImageError:
+        raise DecodeError("not an image in any supported format (PNG, JPEG, WebP, TIFF, BMP, GIF)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DecodeError(f"{name}: not a readable image ({e})") from None
+        raise DecodeError(f"not a readable image ({e})") from None
     return Decoded(pixels, fmt, icc)
 
 
-def _to_array(img: Image.Image, name: str) -> np.ndarray:
+def _to_array(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode == "1":
         img = img.convert("L")
@@ -78,10 +97,10 @@ def _to_array(img: Image.Image, name: str) -> np.ndarray:
     elif mode.startswith("I;16") or mode == "I":
         pixels = np.asarray(img)
         if pixels.min() < 0 or pixels.max() > 65535:
-            raise DecodeError(f"{name}: 32-bit integer pixels outside the 16-bit range are not supported")
+            raise DecodeError("32-bit integer pixels outside the 16-bit range are not supported")
         return pixels.astype(np.uint16)
     if img.mode not in ("L", "LA", "RGB", "RGBA"):
-        raise DecodeError(f"{name}: pixel mode {mode!r} is not supported (supported: L, LA, RGB, RGBA, P, I;16, CMYK)")
+        raise DecodeError(f"pixel mode {mode!r} is not supported (supported: L, LA, RGB, RGBA, P, I;16, CMYK)")
     return np.asarray(img)
 
 

@@ -1,0 +1,237 @@
+"""One upscale run: list SRC, build the Ray Data pipeline, write outputs, manifest and reports.
+
+    list -> read + decode + cut into pieces (CPU tasks) -> model actors (ActorPoolStrategy, GPU
+    when there is one) -> quality checks + encode (CPU tasks) -> ImageSink (writes) -> manifest
+
+The stages stream: no groupby or shuffle, so the first outputs are written while later inputs are
+still being read, and memory is bounded by the pipeline's depth, not the dataset's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from model.tiling import DEFAULT_HALO
+from pipeline import quality, storage
+from pipeline.images import OUTPUT_SUFFIX, output_format
+from pipeline.manifest import OK, SKIPPED, table
+from pipeline.report import Crop, Thresholds, render_html, summarize
+from pipeline.sink import Assembler, ImageSink, RunPaths
+from pipeline.stages import TileWorker, decode_stage, finish_stage
+
+MAX_REPORT_CROPS = 12
+
+
+class UsageError(ValueError):
+    """Options that cannot work together or with this model; the message says which and why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    src: str
+    dst: str
+    checkpoint: str | None = None
+    address: str | None = None  # an existing Ray cluster; None starts (and stops) a local one
+    min_workers: int = 1
+    max_workers: int | None = None  # default: one per GPU, or 1 on CPU
+    gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    batch_size: int = 8  # tiles per forward pass
+    halo: int = DEFAULT_HALO
+    output_format: str | None = None
+    skip_existing: bool = True
+    spot_check_rate: float = 0.05
+    max_pixels: int | None = 200_000_000
+    max_tiles: int = 1024  # an image with more tiles is cut into bands spread over the actors
+    device: str | None = None
+    precision: str = "auto"
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    manifest: pa.Table
+    summary: dict[str, Any]
+    run_dir: str
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return self.summary["failed"]
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def plan_inputs(options: RunOptions, run_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows to process, manifest rows of skipped inputs) for every image under SRC."""
+    inputs = storage.list_inputs(options.src, exclude=[options.dst])
+    existing = storage.list_files(options.dst) if options.skip_existing else set()
+    todo, skipped = [], []
+    for f in inputs:
+        fmt = output_format(f.key, options.output_format)
+        out = storage.join(options.dst, storage.with_suffix(f.key, OUTPUT_SUFFIX[fmt]))
+        row = {
+            "source": f.uri,
+            "key": f.key,
+            "size_bytes": f.size,
+            "source_version": f.version,
+            "output": out,
+            "out_format": fmt,
+        }
+        if storage.filesystem(out)[1] in existing:
+            skipped.append({**row, "run_id": run_id, "status": SKIPPED, "error": "output exists (use --overwrite to redo)"})
+        else:
+            todo.append(row)
+    sample = quality.choose_sample([r["key"] for r in todo], options.spot_check_rate)
+    for row in todo:
+        row["spot_check"] = row["key"] in sample
+    return todo, skipped
+
+
+def build_dataset(rows: list[dict[str, Any]], options: RunOptions, *, tile: int, scale: int, gpus: float, workers: tuple[int, int]):
+    """All map_batches wiring in one place: resources are set here, where the pipeline is assembled."""
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    ds = ds.map_batches(
+        decode_stage,
+        batch_size=1,
+        batch_format="pyarrow",
+        # Half a CPU: decoding is light. Different resources from the model actor also keep Ray
+        # from fusing decoding into the actor, which would pin every band of an image to one actor.
+        num_cpus=0.5,
+        fn_kwargs={"tile": tile, "scale": scale, "halo": options.halo, "max_tiles": options.max_tiles, "max_pixels": options.max_pixels},
+    )
+    ds = ds.map_batches(
+        TileWorker,
+        batch_size=1,  # pieces per call; tiles of a call's pieces share forward batches
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=workers[0], max_size=workers[1]),
+        num_gpus=gpus,
+        num_cpus=1,
+        fn_constructor_kwargs={
+            "checkpoint": options.checkpoint,
+            "device": options.device,
+            "precision": options.precision,
+            "batch_size": options.batch_size,
+            "halo": options.halo,
+        },
+    )
+    return ds.map_batches(finish_stage, batch_size=1, batch_format="pyarrow", fn_kwargs={"scale": scale})
+
+
+def _ray_init(options: RunOptions) -> bool:
+    """Connect to the cluster (or start a local one); True when this run started Ray itself."""
+    if ray.is_initialized():
+        return False
+    # Credentials are never forwarded: a local Ray's workers inherit this environment, and a
+    # cluster's workers use their own (instance roles), so no secret lands in a runtime env.
+    if options.address:
+        ray.init(address=options.address, logging_level="WARNING")
+    else:
+        import torch
+
+        ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False, logging_level="WARNING")
+    return True
+
+
+def run(options: RunOptions, *, log: TextIO | None = None) -> RunResult:
+    """Upscale everything under options.src into options.dst. Raises FileNotFoundError for a
+    missing SRC, CheckpointError for an unusable checkpoint and UsageError for bad options, before
+    any work starts."""
+    from model.inference import load_model
+    from model.tiling import check_halo
+
+    log = log or sys.stderr
+    started = time.perf_counter()
+    source = load_model(options.checkpoint)  # fail fast, in the driver, on a bad checkpoint
+    config = source.model.config
+    try:
+        check_halo(options.halo, config.tile_size)
+    except ValueError as e:
+        raise UsageError(f"--halo: {e}") from None
+    if storage.filesystem(options.src)[1].rstrip("/") == storage.filesystem(options.dst)[1].rstrip("/"):
+        raise UsageError(f"SRC and DST are the same place ({options.src}); write the outputs somewhere else")
+    run_id = new_run_id()
+    paths = RunPaths(dst=options.dst, run_id=run_id)
+    todo, skipped = plan_inputs(options, run_id)
+    print(f"isosr: run {run_id}: {len(todo)} inputs to upscale, {len(skipped)} skipped (outputs exist)", file=log)
+    print(f"isosr: {source.description}, version {source.version}", file=log)
+    rows: list[dict[str, Any]] = []
+    started_ray = _ray_init(options) if todo else False
+    try:
+        if todo:
+            gpus_available = ray.cluster_resources().get("GPU", 0)
+            gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if gpus_available else 0.0)
+            max_workers = options.max_workers or (max(1, int(gpus_available // gpus)) if gpus else 1)
+            workers = (min(options.min_workers, max_workers), max_workers)
+            assembler = Assembler.remote(paths=paths, thresholds=options.thresholds)
+            sink = ImageSink(paths=paths, thresholds=options.thresholds, assembler=assembler)
+            ds = build_dataset(todo, options, tile=config.tile_size, scale=config.scale, gpus=gpus, workers=workers)
+            ds.write_datasink(sink)
+            rows = sink.rows + ray.get(assembler.results.remote())
+    finally:
+        if started_ray:
+            ray.shutdown()
+    for row in skipped:
+        row["model_sha256"] = source.version
+    manifest = table(rows + skipped)
+    manifest = manifest.sort_by("key")
+    seconds = time.perf_counter() - started
+    summary = summarize(manifest, run_id=run_id, seconds=seconds, thresholds=options.thresholds)
+    write_run_files(paths, manifest, summary)
+    return RunResult(run_id, manifest, summary, paths.run_dir)
+
+
+def write_run_files(paths: RunPaths, manifest: pa.Table, summary: dict[str, Any]) -> None:
+    """manifest.parquet, report.json and report.html in the run's folder."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(manifest, buffer)
+    storage.write_atomic(f"{paths.run_dir}/manifest.parquet", buffer.getvalue().to_pybytes())
+    storage.write_atomic(f"{paths.run_dir}/report.json", json.dumps(summary, indent=2, allow_nan=False).encode())
+    crops = []
+    for row in manifest.filter(pa.compute.equal(manifest["spot_check"], True)).to_pylist()[:MAX_REPORT_CROPS]:
+        if row["status"] == OK and storage.exists(paths.crop(row["key"], "before")):
+            crops.append(
+                Crop(row["key"], storage.read_bytes(paths.crop(row["key"], "before")), storage.read_bytes(paths.crop(row["key"], "after")))
+            )
+    storage.write_atomic(f"{paths.run_dir}/report.html", render_html(summary, manifest, crops).encode())
+
+
+def summary_lines(result: RunResult) -> list[str]:
+    """The end-of-run summary a user reads: counts, megapixels, throughput, PSNR figures, flags."""
+    s = result.summary
+    c = s["counts"]
+    rate = s["output_mp_per_s"] or 0.0
+    lines = [
+        f"inputs {c['inputs']}, ok {c['ok']}, failed {c['failed']}, skipped {c['skipped']}",
+        f"{s['megapixels_in']:.2f} MP in -> {s['megapixels_out']:.2f} MP out in {s['seconds']:.1f} s ({rate:.2f} output MP/s)",
+    ]
+    cp = s["consistency_psnr"]
+    if cp["n"]:
+        lines.append(f"consistency PSNR: min {_db(cp['min'])}, median {_db(cp['median'])} over {cp['n']} images")
+    rt = s["round_trip"]
+    if rt["n"]:
+        lines.append(
+            f"round trip ({rt['n']} spot-checked): model {_db(rt['mean_model_y'])}, bicubic {_db(rt['mean_bicubic_y'])} "
+            f"(Y), gain {_db(rt['mean_gain_db'])}"
+        )
+    lines += [f"FLAG (job): {flag}" for flag in s["job_flags"]]
+    lines += [f"FLAG {img['key']}: {img['flags']}" for img in s["flagged_images"]]
+    lines += [f"FAILED {f['key']}: {f['error']}" for f in s["failed"]]
+    lines.append(f"manifest and report: {result.run_dir}/")
+    return lines
+
+
+def _db(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} dB"

@@ -1,0 +1,240 @@
+"""Writing: the Ray Datasink that puts outputs at DST/<relative path>, and the assembly of large
+images whose bands were upscaled on several actors.
+
+Every input ends as exactly one manifest row: written by the sink for whole images and failures,
+by the assembly task for banded images. Each writer also leaves its rows as a Parquet part in
+DST/_isosr/runs/<run_id>/parts/, so a run that dies keeps the record of what it finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.data import Datasink
+from ray.data.datasource.datasink import WriteResult
+
+from pipeline import quality, storage
+from pipeline.images import encode
+from pipeline.manifest import COLUMNS, FAILED, OK, table
+from pipeline.report import LOW_CONSISTENCY, Thresholds
+from pipeline.stages import RT_SCORES, unpack
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunPaths:
+    dst: str
+    run_id: str
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.dst, f"{storage.STATE_DIR}/runs/{self.run_id}")
+
+    def part(self, name: str) -> str:
+        return f"{self.run_dir}/parts/{name}.parquet"
+
+    def staging(self, key: str, index: int) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        return f"{self.run_dir}/staging/{digest}/{index:05d}.npy"
+
+    def crop(self, key: str, which: str) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        return f"{self.run_dir}/crops/{digest}-{which}.png"
+
+
+def write_rows(paths: RunPaths, rows: list[dict[str, Any]]) -> None:
+    """Leave manifest rows as a Parquet part of the run (a unique name per writer)."""
+    if rows:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table(rows), sink)
+        storage.write_atomic(paths.part(uuid.uuid4().hex), sink.getvalue().to_pybytes())
+
+
+class _Metrics:
+    """Counters for the Ray dashboard / Prometheus (ray.util.metrics), made once per process."""
+
+    _made: _Metrics | None = None
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self.images = metrics.Counter("isosr_images", description="inputs finished, by status", tag_keys=("status",))
+        self.megapixels = metrics.Counter("isosr_output_megapixels", description="output megapixels written")
+        db = [20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 45, 50, 60]
+        # Histogram boundaries must be positive, so the gain (often negative for bad weights) is
+        # exported as the two PSNRs it is the difference of (mean gain = the sums' difference / count),
+        # plus a gauge of the latest gain.
+        self.rt_model = metrics.Histogram("isosr_roundtrip_psnr_model_db", description="round-trip PSNR of the model (Y), dB", boundaries=db)
+        self.rt_bicubic = metrics.Histogram(
+            "isosr_roundtrip_psnr_bicubic_db", description="round-trip PSNR of bicubic (Y), dB", boundaries=db
+        )
+        self.gain = metrics.Gauge("isosr_roundtrip_gain_db", description="latest round-trip gain over bicubic (Y), dB")
+        self.consistency = metrics.Histogram("isosr_consistency_psnr_db", description="consistency PSNR, dB", boundaries=db)
+
+    @classmethod
+    def get(cls) -> _Metrics:
+        if cls._made is None:
+            cls._made = cls()
+        return cls._made
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.images.inc(1, tags={"status": row["status"]})
+        if row["status"] == OK:
+            self.megapixels.inc(row["out_width"] * row["out_height"] / 1e6)
+            if row.get("consistency_psnr") is not None and np.isfinite(row["consistency_psnr"]):
+                self.consistency.observe(row["consistency_psnr"])
+            if row.get("rt_gain_db") is not None and np.isfinite(row["rt_gain_db"]):
+                self.rt_model.observe(row["rt_psnr_model_y"])
+                self.rt_bicubic.observe(row["rt_psnr_bicubic_y"])
+                self.gain.set(row["rt_gain_db"])
+
+
+def manifest_row(row: dict[str, Any], *, run_id: str, thresholds: Thresholds, **values: Any) -> dict[str, Any]:
+    """A manifest row from a pipeline row (extra columns dropped) plus `values`, with its flags."""
+    out = {c: row.get(c) for c in COLUMNS if c in row}
+    out.update(values, run_id=run_id)
+    if out.get("status") != OK:
+        out["output"] = None
+    flags = []
+    psnr = out.get("consistency_psnr")
+    if out.get("status") == OK and psnr is not None and psnr < thresholds.min_consistency_psnr:
+        flags.append(LOW_CONSISTENCY)
+    out["flags"] = ",".join(flags) or None
+    return out
+
+
+class ImageSink(Datasink[list[dict[str, Any]]]):
+    """Writes whole images to their output URI, bands to the run's staging area (telling the
+    assembler), and returns the manifest rows it completed."""
+
+    def __init__(self, *, paths: RunPaths, thresholds: Thresholds, assembler: ray.actor.ActorHandle) -> None:
+        self.paths = paths
+        self.thresholds = thresholds
+        self.assembler = assembler
+        self.rows: list[dict[str, Any]] = []
+
+    def write(self, blocks, ctx) -> list[dict[str, Any]]:
+        done = []
+        for block in blocks:
+            for row in block.to_pylist() if isinstance(block, pa.Table) else block.to_dict("records"):
+                finished = self._write_row(row)
+                if finished is not None:
+                    done.append(finished)
+        write_rows(self.paths, done)
+        return done
+
+    def _write_row(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        run_id, metrics = self.paths.run_id, _Metrics.get()
+        if row["status"] != OK:
+            out = manifest_row(row, run_id=run_id, thresholds=self.thresholds)
+            metrics.record(out)
+            return out
+        started = time.perf_counter()
+        if int(row["piece_count"]) > 1:
+            storage.write_atomic(self.paths.staging(row["key"], int(row["piece_index"])), row["data"])
+            meta = {k: v for k, v in row.items() if k not in ("data", "crop_before", "crop_after")}
+            meta["write_s"] = time.perf_counter() - started
+            ray.get(self.assembler.part_done.remote(meta))
+            return None
+        try:
+            storage.write_atomic(row["output"], row["data"])
+        except OSError as e:
+            out = manifest_row(row, run_id=run_id, thresholds=self.thresholds, status=FAILED, error=str(e))
+            metrics.record(out)
+            return out
+        if row["crop_before"] is not None:
+            storage.write_atomic(self.paths.crop(row["key"], "before"), row["crop_before"])
+            storage.write_atomic(self.paths.crop(row["key"], "after"), row["crop_after"])
+        out = manifest_row(
+            row,
+            run_id=run_id,
+            thresholds=self.thresholds,
+            out_bytes=len(row["data"]),
+            consistency_psnr=quality.psnr_from_sse(row["consistency_sse"], row["consistency_n"]),
+            write_s=time.perf_counter() - started,
+        )
+        metrics.record(out)
+        return out
+
+    def on_write_complete(self, write_result: WriteResult[list[dict[str, Any]]]) -> None:
+        self.rows = [row for rows in write_result.write_returns for row in rows]
+
+
+@ray.remote(num_cpus=0)
+class Assembler:
+    """Counts the staged bands of each large image; when the last arrives, starts the one task
+    that assembles, encodes and writes that image. One per run, so each image is assembled once."""
+
+    def __init__(self, *, paths: RunPaths, thresholds: Thresholds) -> None:
+        self.paths = paths
+        self.thresholds = thresholds
+        self.parts: dict[str, dict[int, dict[str, Any]]] = {}
+        self.tasks: list[ray.ObjectRef] = []
+
+    def part_done(self, meta: dict[str, Any]) -> None:
+        parts = self.parts.setdefault(meta["key"], {})
+        parts[int(meta["piece_index"])] = meta
+        if len(parts) == int(meta["piece_count"]):
+            ordered = [parts[i] for i in range(len(parts))]
+            del self.parts[meta["key"]]
+            self.tasks.append(assemble.remote(self.paths, self.thresholds, ordered))
+
+    def results(self) -> list[dict[str, Any]]:
+        """Manifest rows of every assembled image (waits for the assembly tasks)."""
+        return ray.get(self.tasks)
+
+
+@ray.remote(num_cpus=1)
+def assemble(paths: RunPaths, thresholds: Thresholds, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the bands of one image (each read once into the final array, so the task holds the
+    output and no more), encode, write; return its manifest row."""
+    first = parts[0]
+    started = time.perf_counter()
+    try:
+        out = None
+        row_at = 0
+        for meta in parts:
+            band = unpack(storage.read_bytes(paths.staging(first["key"], int(meta["piece_index"]))))
+            if out is None:
+                out = np.empty((int(first["out_height"]), int(first["out_width"]), *band.shape[2:]), band.dtype)
+            out[row_at : row_at + band.shape[0]] = band
+            row_at += band.shape[0]
+        data = encode(out, first["out_format"], icc_profile=first["icc"])
+        storage.write_atomic(first["output"], data)
+    except (OSError, ValueError) as e:
+        row = manifest_row(first, run_id=paths.run_id, thresholds=thresholds, status=FAILED, error=f"assembling bands: {e}")
+    else:
+        sse = sum(float(m["consistency_sse"]) for m in parts)
+        count = sum(int(m["consistency_n"]) for m in parts)
+        row = manifest_row(
+            first,
+            run_id=paths.run_id,
+            thresholds=thresholds,
+            out_bytes=len(data),
+            tiles=sum(int(m["tiles"]) for m in parts),
+            consistency_psnr=quality.psnr_from_sse(sse, count),
+            model_s=sum(float(m["model_s"]) for m in parts),
+            encode_s=sum(float(m["encode_s"]) for m in parts) + time.perf_counter() - started,
+            write_s=sum(float(m["write_s"]) for m in parts),
+            **{k: first.get(k) for k in RT_SCORES},
+        )
+    for meta in parts:
+        _remove(paths.staging(first["key"], int(meta["piece_index"])))
+    _Metrics.get().record(row)
+    write_rows(paths, [row])
+    return row
+
+
+def _remove(uri: str) -> None:
+    fs, path = storage.filesystem(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass

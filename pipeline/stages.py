@@ -1,0 +1,231 @@
+"""The pipeline's stages. Each takes and returns a Ray Data batch as a pyarrow Table (pyarrow
+keeps nulls as nulls, where numpy batches turn an all-null column into NaNs) with the column
+types of SCHEMA, and can be called on a hand-made batch without a cluster.
+
+Rows are pieces of work. An ordinary image is one piece; an image with more tiles than
+`max_tiles` is cut into bands (model.tiling.split_rows) so that its tiles spread over every model
+actor and no worker holds more than its own output; the sink stages the bands and one task
+assembles them. A row that failed carries status "failed" and its error through every stage.
+
+Columns, by the stage that adds them ("array" = an .npy-encoded ndarray in a binary column,
+loaded with allow_pickle=False):
+  listing  source, key, size_bytes, source_version, output, out_format, spot_check
+  decode   status, error, format, mode, width, height, icc, decode_s, piece_index, piece_count,
+           band (6 ints: tile rows, owned output rows, input rows), pixels (array: the band's
+           input rows), rt_lr / rt_ref (arrays: the round-trip LR image and reference, piece 0 of
+           a spot-checked image only)
+  model    out_pixels (array: the owned output rows), rt_sr (array), tiles, model_s, model_sha256
+  finish   data (the encoded image, or the band's rows as an array), out_width,
+           out_height, consistency_sse, consistency_n, rt_* scores, crop_before, crop_after,
+           encode_s; the pixel arrays are dropped
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from model.tiling import Band, Piece, plan_tiles, split_image, upscale_pieces
+from pipeline import quality, storage
+from pipeline.images import DecodeError, decode, encode
+from pipeline.manifest import FAILED, OK
+from pipeline.report import crop_pair
+
+Batch = pa.Table
+_STRING = ("source", "key", "source_version", "output", "out_format", "status", "error", "format", "mode", "model_sha256")
+_INT = ("size_bytes", "width", "height", "piece_index", "piece_count", "tiles", "consistency_n", "out_width", "out_height")
+_FLOAT = ("decode_s", "model_s", "encode_s", "consistency_sse")
+_BINARY = ("icc", "pixels", "rt_lr", "rt_ref", "out_pixels", "rt_sr", "data", "crop_before", "crop_after")
+SCHEMA = pa.schema(
+    [(c, pa.string()) for c in _STRING]
+    + [(c, pa.int64()) for c in _INT]
+    + [(c, pa.float64()) for c in _FLOAT + ("rt_psnr_model", "rt_psnr_bicubic", "rt_psnr_model_y", "rt_psnr_bicubic_y", "rt_gain_db")]
+    + [(c, pa.large_binary()) for c in _BINARY]  # large: one band of a big image can pass 2 GB
+    + [("spot_check", pa.bool_()), ("band", pa.list_(pa.int64()))]
+)
+PIXEL_COLUMNS = ("pixels", "out_pixels", "rt_lr", "rt_ref", "rt_sr")
+RT_SCORES = ("rt_psnr_model", "rt_psnr_bicubic", "rt_psnr_model_y", "rt_psnr_bicubic_y", "rt_gain_db")
+
+
+def pack(array: np.ndarray | None) -> bytes | None:
+    if array is None:
+        return None
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def unpack(data: bytes | None) -> np.ndarray | None:
+    return None if data is None else np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _rows(batch: Batch) -> list[dict[str, Any]]:
+    return batch.to_pylist()
+
+
+def _batch(rows: list[dict[str, Any]], columns: list[str]) -> Batch:
+    """Rows as a table with SCHEMA's types for `columns` (in that order)."""
+    schema = pa.schema([SCHEMA.field(c) for c in columns])
+    return pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows], schema=schema)
+
+
+def _mode(pixels: np.ndarray) -> str:
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    if pixels.dtype.itemsize == 2:
+        return {1: "I;16", 2: "LA;16", 3: "RGB;16", 4: "RGBA;16"}[channels]
+    return {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
+
+
+DECODE_COLUMNS = [
+    "source", "key", "size_bytes", "source_version", "output", "out_format", "spot_check",
+    "status", "error", "format", "mode", "width", "height", "icc", "decode_s",
+    "piece_index", "piece_count", "band", "pixels", "rt_lr", "rt_ref",
+]  # fmt: skip
+
+
+def decode_stage(batch: Batch, *, tile: int, scale: int, halo: int, max_tiles: int, max_pixels: int | None) -> Batch:
+    """Listing rows -> piece rows: read, decode, prepare, cut into pieces, and make the round-trip
+    input of spot-checked images. One failed row for an input that cannot be read or decoded."""
+    out: list[dict[str, Any]] = []
+    for row in _rows(batch):
+        started = time.perf_counter()
+        try:
+            image = decode(storage.read_bytes(row["source"]), max_pixels=max_pixels)
+            pieces = split_image(image.pixels, tile=tile, scale=scale, halo=halo, max_tiles=max_tiles)
+        except (DecodeError, OSError, ValueError, TypeError) as e:
+            out.append({**row, "status": FAILED, "error": _readable(e), "decode_s": time.perf_counter() - started})
+            continue
+        rt = quality.round_trip_input(image.pixels, scale=scale) if row["spot_check"] else None
+        h, w = image.pixels.shape[:2]
+        common = {
+            **row,
+            "status": OK,
+            "format": image.format,
+            "mode": _mode(image.pixels),
+            "width": w,
+            "height": h,
+            "icc": image.icc_profile,
+            "piece_count": len(pieces),
+            "decode_s": time.perf_counter() - started,
+        }
+        for i, piece in enumerate(pieces):
+            b = piece.band
+            out.append(
+                {
+                    **common,
+                    "piece_index": i,
+                    "band": [*b.tile_rows, *b.out_rows, *b.in_rows],
+                    "pixels": pack(piece.pixels),
+                    "rt_lr": pack(rt.lr) if rt and i == 0 else None,
+                    "rt_ref": pack(rt.reference) if rt and i == 0 else None,
+                }
+            )
+    return _batch(out, DECODE_COLUMNS)
+
+
+def _readable(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text if isinstance(error, (DecodeError, FileNotFoundError)) else f"{type(error).__name__}: {text}"
+
+
+def _tiles(piece: Piece) -> int:
+    """Network tiles a piece costs: its tiles, twice when alpha is a plane of its own."""
+    r0, r1 = piece.band.tile_rows
+    planes = 2 if piece.pixels.ndim == 3 and piece.pixels.shape[2] in (2, 4) else 1
+    return (r1 - r0) * len(piece.plan.xs) * planes
+
+
+def _band(values: Any) -> Band:
+    v = [int(x) for x in values]
+    return Band((v[0], v[1]), (v[2], v[3]), (v[4], v[5]))
+
+
+MODEL_COLUMNS = DECODE_COLUMNS + ["out_pixels", "rt_sr", "tiles", "model_s", "model_sha256"]
+
+
+class TileWorker:
+    """The model stage: one network per actor, loaded once; tiles of every piece in the batch (and
+    of the round-trip LR images) share forward batches of `batch_size` tiles."""
+
+    def __init__(self, *, checkpoint: str | None, device: str | None, precision: str, batch_size: int, halo: int) -> None:
+        import torch
+
+        from model.inference import TileUpscaler, load_model
+
+        source = load_model(checkpoint)
+        self.runner = TileUpscaler(source.model, device=device, dtype=precision)
+        if self.runner.device.type == "cpu":
+            # Ray pins OMP threads to the actor's CPU reservation (1); the model is the heavy stage.
+            torch.set_num_threads(os.cpu_count() or 1)
+        self.version = source.version
+        self.batch_size = batch_size
+        self.halo = halo
+
+    def __call__(self, batch: Batch) -> Batch:
+        rows = _rows(batch)
+        work: list[tuple[dict[str, Any], str, Piece]] = []
+        tile, scale = self.runner.tile_size, self.runner.scale
+        for row in rows:
+            row.update(out_pixels=None, rt_sr=None, tiles=0, model_s=0.0, model_sha256=self.version)
+            if row["status"] != OK:
+                continue
+            plan = plan_tiles(int(row["height"]), int(row["width"]), tile=tile, halo=self.halo)
+            piece = Piece(unpack(row["pixels"]), plan, _band(row["band"]))
+            work.append((row, "out_pixels", piece))
+            if row["rt_lr"] is not None:
+                lr = unpack(row["rt_lr"])
+                work.append((row, "rt_sr", split_image(lr, tile=tile, scale=scale, halo=self.halo)[0]))
+        started = time.perf_counter()
+        outputs = upscale_pieces((p for _, _, p in work), self.runner, batch_size=self.batch_size)
+        for (row, column, piece), output in zip(work, outputs):
+            row[column] = pack(output)
+            row["tiles"] += _tiles(piece)
+        elapsed = time.perf_counter() - started
+        total = sum(r["tiles"] for r in rows) or 1
+        for row in rows:
+            row["model_s"] = elapsed * row["tiles"] / total  # the batch's time, shared by tiles
+        return _batch(rows, MODEL_COLUMNS)
+
+
+FINISH_COLUMNS = [c for c in MODEL_COLUMNS if c not in PIXEL_COLUMNS] + [
+    "data", "out_width", "out_height", "consistency_sse", "consistency_n", *RT_SCORES,
+    "crop_before", "crop_after", "encode_s",
+]  # fmt: skip
+
+
+def finish_stage(batch: Batch, *, scale: int) -> Batch:
+    """Quality checks and encoding, on CPU: consistency of every piece, round-trip scores, the
+    encoded output of whole images (or the raw rows of a band), before/after crops of spot checks."""
+    rows = _rows(batch)
+    for row in rows:
+        row.update(data=None, out_width=None, out_height=None, consistency_sse=0.0,
+                   consistency_n=0, crop_before=None, crop_after=None, encode_s=0.0)  # fmt: skip
+        row.update({k: None for k in RT_SCORES})
+        if row["status"] != OK:
+            continue
+        started = time.perf_counter()
+        out = unpack(row["out_pixels"])
+        pixels = unpack(row["pixels"])
+        band = _band(row["band"])
+        first, last = band.out_rows[0] // scale, band.out_rows[1] // scale
+        own_input = pixels[first - band.in_rows[0] : last - band.in_rows[0]]
+        sse, n = quality.consistency_sse(out, own_input, top=first == 0, bottom=last == int(row["height"]), scale=scale)
+        row.update(consistency_sse=sse, consistency_n=n)
+        if row["rt_sr"] is not None:
+            rt = quality.RoundTripInput(unpack(row["rt_ref"]), unpack(row["rt_lr"]))
+            row.update(quality.round_trip_scores(unpack(row["rt_sr"]), rt))
+        fmt = row["out_format"]
+        row.update(out_width=out.shape[1], out_height=int(row["height"]) * scale)
+        if int(row["piece_count"]) == 1:
+            row["data"] = encode(out, fmt, icc_profile=row["icc"])
+            if row["spot_check"]:
+                row["crop_before"], row["crop_after"] = crop_pair(pixels, out, scale=scale)
+        else:
+            row["data"] = pack(out)
+        row["encode_s"] = time.perf_counter() - started
+    return _batch(rows, FINISH_COLUMNS)

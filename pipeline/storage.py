@@ -1,0 +1,252 @@
+"""Inputs and outputs on any fsspec filesystem: local paths, file://, s3:// and the rest.
+
+Keys are paths relative to SRC, '/'-separated, exactly as the store holds them (spaces, unicode,
+even '..' segments: S3 allows a key like "a/../../b.png"). `join` is the only way outputs are placed
+under DST, and it makes every key safe first, so no key can write outside DST.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+
+from pipeline.images import FORMATS
+
+# Folder DST keeps its own records in (manifests, run parts); never an input, wherever it lies.
+STATE_DIR = "_isosr"
+_ESCAPED_PARENT = "%2E%2E"  # what a '..' segment becomes: the data is kept, under a visible name
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str  # full URI of the input, e.g. "s3://bucket/photos/a b/ü.png" or "/data/in/x.jpg"
+    key: str  # path relative to SRC, '/'-separated, exactly as stored (may contain spaces, unicode, '..')
+    size: int  # bytes
+    version: str  # S3: the ETag (quotes stripped); local/other: mtime as ISO 8601 UTC with microseconds
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and its path for a local path or any fsspec URI (trailing '/' removed,
+    local paths made absolute). s3:// is configured by the standard AWS environment variables alone;
+    botocore itself reads AWS_ENDPOINT_URL (and AWS_ENDPOINT_URL_S3), so no endpoint is passed here.
+    s3fs caches filesystems by constructor arguments, not by environment: a process that changes
+    those variables must call s3fs.S3FileSystem.clear_instance_cache()."""
+    return fsspec.core.url_to_fs(os.fspath(uri))
+
+
+def list_inputs(src: str, *, exclude: Sequence[str] = ()) -> list[InputFile]:
+    """Every image file under SRC, recursively, sorted by key; image = a suffix in
+    pipeline.images.FORMATS, any case. Skips anything under a folder named `_isosr`, and anything
+    under a URI in `exclude` that lies inside SRC (DST, so earlier outputs are not inputs; a DST that
+    holds SRC excludes nothing, one equal to SRC excludes everything). If SRC is itself a file it is
+    the one input whatever its suffix (the user named it), with its name as key and SRC as URI.
+    Otherwise `join(src, f.key) == f.uri` for every key without '.', '..' or empty segments, and
+    URIs keep SRC's spelling (a relative SRC gives relative URIs).
+    One recursive listing, no request per object. Raises FileNotFoundError naming SRC when it does
+    not exist (a missing bucket, or a prefix with no objects under it)."""
+    fs, root = filesystem(src)
+    try:
+        found: dict[str, dict[str, Any]] = fs.find(root, detail=True)
+    except FileNotFoundError as e:  # s3fs: "The specified bucket does not exist"
+        raise FileNotFoundError(errno.ENOENT, f"input {src} does not exist ({e}); check the bucket and path") from None
+    except PermissionError as e:
+        raise PermissionError(errno.EACCES, f"input {src} cannot be listed ({e}); check the credentials") from None
+
+    if list(found) == [root]:
+        info = _complete(fs, root, found[root])
+        if info.get("type", "file") == "file":
+            return [InputFile(_under(src, ""), posixpath.basename(root), int(info["size"]), _version(fs, root, info))]
+
+    if not found and not fs.isdir(root):
+        if _is_local(fs):
+            raise FileNotFoundError(errno.ENOENT, f"input {src} does not exist")
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"input {src} does not exist: there are no objects under this prefix "
+            "(object stores have no empty folders); check the bucket and path",
+        )
+
+    skipped = _excluded_prefixes(fs, root, exclude)
+    prefix = root if root.endswith("/") else root + "/"
+    inputs = []
+    for path, info in found.items():
+        if not path.startswith(prefix):  # not expected from fsspec; a wrong key would misplace outputs
+            raise RuntimeError(f"listing {src} returned {path!r}, which is not under it")
+        key = path[len(prefix) :]
+        folders, _, name = key.rpartition("/")
+        if posixpath.splitext(name)[1].lower() not in FORMATS:
+            continue
+        if STATE_DIR in folders.split("/") or any(_inside(key, p) for p in skipped):
+            continue
+        if info.get("type", "file") != "file":
+            continue
+        info = _complete(fs, path, info)
+        inputs.append(InputFile(_under(src, key), key, int(info["size"]), _version(fs, path, info)))
+    inputs.sort(key=lambda f: f.key)
+    return inputs
+
+
+def safe_key(key: str) -> str:
+    """A relative key that, joined under any root, can never leave it: leading '/' removed, empty and
+    '.' segments dropped, '..' segments replaced by '%2E%2E', backslashes kept as ordinary characters.
+    Raises ValueError for a key with nothing left after this (e.g. "", "/", "./.")."""
+    segments = [_ESCAPED_PARENT if s == ".." else s for s in key.split("/") if s not in ("", ".")]
+    if not segments:
+        raise ValueError(f"key {key!r} names no file: it is empty once '/', '.' and empty parts are removed")
+    return "/".join(segments)
+
+
+def join(root: str, key: str) -> str:
+    """`root` + '/' + safe_key(key), for local paths and URIs alike, with no double slash
+    ("s3://b/out/" + "a/x.png" -> "s3://b/out/a/x.png"). Raises ValueError for an empty root or a key
+    that safe_key refuses."""
+    if not root:
+        raise ValueError(f"cannot place key {key!r} under an empty root; give DST as a path or URI")
+    return _under(root, safe_key(key))
+
+
+def write_atomic(uri: str, data: bytes) -> None:
+    """Write `data` so that readers never see half an object. Local files: parents created, written to
+    a hidden temporary name in the same folder, renamed into place (the temporary is removed if
+    anything fails). Object stores: one upload (s3fs makes large ones multipart); an S3 object appears
+    only once complete. Raises OSError naming `uri`."""
+    fs, path = filesystem(uri)
+    if not _is_local(fs):
+        try:
+            fs.pipe_file(path, data)
+        except OSError as e:  # s3fs's messages ("The specified bucket does not exist") name no object
+            raise type(e)(f"cannot write {uri}: {e}") from e
+        return
+    folder, name = os.path.split(path)
+    # Unique per call, not just per process: Ray runs several tasks in one worker process.
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic on POSIX: the old file or the new one, never a mix
+    except OSError as e:
+        _remove_quietly(tmp)
+        if e.errno is None:
+            raise
+        # The error would name the hidden temporary; the user needs the output's name.
+        raise OSError(e.errno, f"cannot write {uri}: {e.strerror or e}; check that its folder is writable") from e
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole file or object. Raises FileNotFoundError naming `uri` when there is none."""
+    fs, path = filesystem(uri)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "no such file or object", uri) from None
+
+
+def exists(uri: str) -> bool:
+    """Whether a file (an object, on object stores) is at `uri` now; False for folders and prefixes."""
+    fs, path = filesystem(uri)
+    # s3fs answers from listings it cached earlier in this process (list_inputs fills that cache),
+    # which would miss an output written since, or see one deleted since.
+    fs.invalidate_cache(path)
+    return fs.isfile(path)
+
+
+def list_files(root: str) -> set[str]:
+    """Filesystem paths (as `filesystem(uri)[1]` gives them) of every file under `root`, in one
+    listing; empty when `root` does not exist yet."""
+    fs, path = filesystem(root)
+    try:
+        return set(fs.find(path))
+    except FileNotFoundError:
+        return set()
+
+
+def with_suffix(key: str, suffix: str) -> str:
+    """`key` with the suffix of its last segment replaced, or added when it has none:
+    'a/b.c.png' + '.jpg' -> 'a/b.c.jpg'; 'a/noext' -> 'a/noext.jpg'; '.hidden' -> '.hidden.jpg'.
+    Raises ValueError for a suffix that is not '.' + a name, or a key ending in '/'."""
+    if not suffix.startswith(".") or len(suffix) < 2 or "/" in suffix:
+        raise ValueError(f"suffix {suffix!r} must be '.' followed by a name, e.g. '.png'")
+    folder, sep, name = key.rpartition("/")
+    if not name:
+        raise ValueError(f"key {key!r} ends in '/': it names a folder, not a file")
+    return folder + sep + posixpath.splitext(name)[0] + suffix
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _under(root: str, key: str) -> str:
+    """`root` + '/' + `key` with no double slash; a filesystem root ("/", "file:///") keeps its slashes."""
+    base = root.rstrip("/")
+    if not base or base.endswith(":"):
+        return root + key
+    return base + "/" + key if key else base
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols
+
+
+def _complete(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> dict[str, Any]:
+    """`info` from the listing, or from one info() call where the listing left out size or time."""
+    if "size" in info and ("ETag" in info or "mtime" in info or "LastModified" in info):
+        return info
+    return {**info, **fs.info(path)}
+
+
+def _version(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> str:
+    """The S3 ETag without its quotes, else the modification time (ISO 8601, UTC, microseconds)."""
+    etag = info.get("ETag")
+    if etag:
+        return str(etag).strip('"')
+    mtime = info.get("mtime", info.get("LastModified"))
+    if mtime is None:
+        mtime = fs.modified(path)
+    if isinstance(mtime, datetime):
+        when = mtime if mtime.tzinfo else mtime.replace(tzinfo=timezone.utc)  # fsspec: naive means UTC
+    else:
+        when = datetime.fromtimestamp(float(mtime), tz=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _excluded_prefixes(fs: fsspec.AbstractFileSystem, root: str, exclude: Sequence[str]) -> list[str]:
+    """Keys (relative to `root`) of the URIs in `exclude` that lie inside `root`; "" excludes it all.
+    Local paths are compared resolved (symlinks, '..', relative spellings); object keys literally,
+    since "a/../b" and "b" are different S3 keys."""
+    prefixes = []
+    for uri in exclude:
+        other_fs, other = filesystem(uri)
+        if other_fs.protocol != fs.protocol:
+            continue
+        base, inner = root, other
+        if _is_local(fs):
+            base, inner = os.path.realpath(root), os.path.realpath(other)
+        if inner == base:
+            prefixes.append("")
+        elif inner.startswith(base.rstrip("/") + "/"):
+            prefixes.append(inner[len(base.rstrip("/")) + 1 :])
+    return prefixes
+
+
+def _inside(key: str, prefix: str) -> bool:
+    return prefix == "" or key == prefix or key.startswith(prefix + "/")
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
