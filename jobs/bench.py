@@ -2,11 +2,18 @@
 
     python jobs/bench.py model [--variant full] [--batch-sizes 1,4,8,16] [--dtypes float32]
                                [--seconds 10] [--json PATH]
+    python jobs/bench.py pipeline [--variant full] [--images 5] [--scale-images 4] [--halo 4]
+                                  [--batch-size 8] [--json PATH]
 
 `model`: the model-only ceiling — batched forward passes over pre-made 64x64 tiles in one process:
 tiles/s and output MP/s per batch size and dtype, and the model's FLOPs per tile and per output pixel
 (counted by torch.utils.flop_counter, with the cost of each halo). Prints a Markdown table for
 RESULTS.md; `--json` also writes the figures with the machine description and date.
+
+`pipeline`: the end-to-end pipeline (local Ray, every core) on scikit-image's photos against the
+model-only ceiling on exactly the same tiles (same model, halo, batch size and cores, pre-tiled
+tensors in one process); then the same run on `--scale-images` times as many photos, comparing
+peak memory (PSS summed over this process and every Ray process it started, sampled every 0.2 s).
 """
 
 from __future__ import annotations
@@ -112,6 +119,162 @@ def bench_model(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+
+
+def write_photos(folder: Path, count: int) -> list[Path]:
+    """`count` PNG files cycling through scikit-image's bundled RGB photos (no download)."""
+    import skimage.data
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        name = PHOTOS[i % len(PHOTOS)]
+        path = folder / f"{i:04d}-{name}.png"
+        Image.fromarray(getattr(skimage.data, name)()).save(path)
+        paths.append(path)
+    return paths
+
+
+def model_ceiling(paths: list[Path], model: DenseIsoViT, *, halo: int, batch_size: int, dtype: str) -> dict[str, float]:
+    """Output MP/s of the model alone over the photos' tiles, pre-made, in this process."""
+    import numpy as np
+    from PIL import Image
+
+    from model.tiling import _planes, extract_tiles, plan_tiles
+
+    config = model.config
+    tiles, out_pixels = [], 0
+    for path in paths:
+        pixels = np.asarray(Image.open(path))
+        plan = plan_tiles(pixels.shape[0], pixels.shape[1], tile=config.tile_size, halo=halo)
+        for plane in _planes(pixels):
+            tiles.append(extract_tiles(plane, plan))
+        out_pixels += pixels.shape[0] * pixels.shape[1] * config.scale**2
+    all_tiles = torch.from_numpy(np.concatenate(tiles))
+    device = next(model.parameters()).device
+    with torch.inference_mode(), precision(device, dtype):
+        model(all_tiles[:batch_size].to(device))  # warm-up
+        start = time.perf_counter()
+        for i in range(0, len(all_tiles), batch_size):
+            model(all_tiles[i : i + batch_size].to(device))
+        seconds = time.perf_counter() - start
+    return {"tiles": len(all_tiles), "seconds": round(seconds, 2), "output_mp_per_s": round(out_pixels / 1e6 / seconds, 4)}
+
+
+class PeakMemory:
+    """Peak PSS (bytes) of this process and all its descendants, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import threading
+
+        import psutil
+
+        self.peak = 0
+        self._stop = threading.Event()
+        me = psutil.Process()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                total = 0
+                for p in [me, *me.children(recursive=True)]:
+                    try:
+                        total += p.memory_full_info().pss
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        pass
+                self.peak = max(self.peak, total)
+                self._stop.wait(interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def pipeline_run(src: Path, dst: Path, args: argparse.Namespace, checkpoint: str) -> dict[str, float]:
+    from pipeline.run import RunOptions, run
+
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        result = run(
+            RunOptions(src=str(src), dst=str(dst), checkpoint=checkpoint, halo=args.halo, batch_size=args.batch_size, precision=args.dtype, skip_existing=False)
+        )
+        seconds = time.perf_counter() - start
+    s = result.summary
+    if s["counts"]["ok"] != s["counts"]["inputs"]:
+        raise RuntimeError(f"pipeline benchmark: {s['failed']}")
+    return {
+        "images": s["counts"]["inputs"],
+        "seconds": round(seconds, 2),
+        "output_mp": round(s["megapixels_out"], 3),
+        "output_mp_per_s": round(s["megapixels_out"] / seconds, 4),
+        "peak_memory_mib": round(memory.peak / 2**20),
+    }
+
+
+def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
+    import tempfile
+
+    import ray
+
+    from model.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = DenseIsoViT(variant(args.variant)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        checkpoint = str(root / "model.safetensors")
+        save_checkpoint(model, checkpoint)
+        small = write_photos(root / "small", args.images)
+        large = write_photos(root / "large", args.images * args.scale_images)
+        ceiling = model_ceiling(small, model, halo=args.halo, batch_size=args.batch_size, dtype=args.dtype)
+        print(f"model-only ceiling: {ceiling}", file=sys.stderr, flush=True)
+        ray.init(include_dashboard=False, logging_level="ERROR")
+        try:
+            end_to_end = pipeline_run(root / "small", root / "out-small", args, checkpoint)
+            print(f"pipeline, {args.images} photos: {end_to_end}", file=sys.stderr, flush=True)
+            scaled = pipeline_run(root / "large", root / "out-large", args, checkpoint)
+            print(f"pipeline, {len(large)} photos: {scaled}", file=sys.stderr, flush=True)
+        finally:
+            ray.shutdown()
+    return {
+        "variant": args.variant,
+        "halo": args.halo,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "ceiling": ceiling,
+        "pipeline": end_to_end,
+        "pipeline_scaled": scaled,
+        "pipeline_vs_ceiling": round(end_to_end["output_mp_per_s"] / ceiling["output_mp_per_s"], 3),
+        "memory_growth": round(scaled["peak_memory_mib"] / end_to_end["peak_memory_mib"] - 1, 3),
+    }
+
+
+def pipeline_markdown(r: dict[str, object], info: dict[str, object]) -> str:
+    c, p, q = r["ceiling"], r["pipeline"], r["pipeline_scaled"]
+    return "\n".join(
+        [
+            f"End-to-end vs model-only, variant `{r['variant']}`, halo {r['halo']}, batch {r['batch_size']}, {r['dtype']}; "
+            f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['date']}.",
+            "",
+            "| run | images | tiles | seconds | output MP/s | peak memory |",
+            "|---|---:|---:|---:|---:|---:|",
+            f"| model only (pre-tiled, one process) | {p['images']} | {c['tiles']} | {c['seconds']} | {c['output_mp_per_s']} | |",
+            f"| pipeline | {p['images']} | | {p['seconds']} | {p['output_mp_per_s']} | {p['peak_memory_mib']} MiB |",
+            f"| pipeline, {q['images'] // p['images']}x the images | {q['images']} | | {q['seconds']} | {q['output_mp_per_s']} | {q['peak_memory_mib']} MiB |",
+            "",
+            f"Pipeline / ceiling: **{r['pipeline_vs_ceiling']:.1%}**; peak memory growth for "
+            f"{q['images'] // p['images']}x the images: **{r['memory_growth']:+.1%}**.",
+        ]
+    )
+
+
 def markdown(result: dict[str, object], info: dict[str, object]) -> str:
     lines = [
         f"Model-only forward, variant `{result['variant']}` ({result['parameters']:,} parameters), "
@@ -140,12 +303,24 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--seconds", type=float, default=10.0, help="timed seconds per row")
     model.add_argument("--device")
     model.add_argument("--json", type=Path, help="also write the figures here")
+    pipe = sections.add_parser("pipeline", help="end-to-end pipeline vs the model-only ceiling, and memory")
+    pipe.add_argument("--variant", default="full")
+    pipe.add_argument("--images", type=int, default=5)
+    pipe.add_argument("--scale-images", type=int, default=4, help="the memory run uses this many times the images")
+    pipe.add_argument("--halo", type=int, default=4)
+    pipe.add_argument("--batch-size", type=int, default=8)
+    pipe.add_argument("--dtype", default="float32")
+    pipe.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     info = machine()
-    result = bench_model(args)
-    print(markdown(result, info))
+    if args.section == "model":
+        result = bench_model(args)
+        print(markdown(result, info))
+    else:
+        result = bench_pipeline(args)
+        print(pipeline_markdown(result, info))
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "model": result}, indent=2))
+        args.json.write_text(json.dumps({"machine": info, args.section: result}, indent=2))
     return 0
 
 
