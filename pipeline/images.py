@@ -27,7 +27,17 @@ FORMATS = {
     ".gif": "GIF",
 }
 OUTPUT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".png"}
+# decode() enforces --max-pixels itself, from the header, before any pixel is decoded; Pillow's own
+# lower limit (~179 MP, an error at twice its warning level) would otherwise override it.
+Image.MAX_IMAGE_PIXELS = None
 _RGB_MODES = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"}
+
+
+def output_suffix(key: str, fmt: str) -> str:
+    """The suffix an output in `fmt` gets: the input's own when it already names that format
+    (photo.jpeg stays .jpeg, scan.tiff stays .tiff), else the format's usual one."""
+    suffix = ("." + key.rsplit(".", 1)[-1]) if "." in key.rsplit("/", 1)[-1] else ""
+    return suffix if FORMATS.get(suffix.lower()) == fmt else OUTPUT_SUFFIX[fmt]
 
 
 def output_format(key: str, requested: str | None = None) -> str:

@@ -10,7 +10,6 @@ still being read, and memory is bounded by the pipeline's depth, not the dataset
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import uuid
@@ -24,8 +23,8 @@ import ray
 
 from model.tiling import DEFAULT_HALO
 from pipeline import quality, storage
-from pipeline.images import OUTPUT_SUFFIX, output_format
-from pipeline.manifest import OK, SKIPPED, table
+from pipeline.images import output_format, output_suffix
+from pipeline.manifest import FAILED, OK, SKIPPED, table
 from pipeline.report import Crop, Thresholds, render_html, summarize
 from pipeline.sink import Assembler, ImageSink, RunPaths
 from pipeline.stages import TileWorker, decode_stage, finish_stage
@@ -75,13 +74,15 @@ def new_run_id() -> str:
 
 
 def plan_inputs(options: RunOptions, run_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(rows to process, manifest rows of skipped inputs) for every image under SRC."""
+    """(rows to process, manifest rows settled without processing: skipped, or failed because another
+    input already claims the same output) for every image under SRC."""
     inputs = storage.list_inputs(options.src, exclude=[options.dst])
     existing = storage.list_files(options.dst) if options.skip_existing else set()
-    todo, skipped = [], []
+    todo, settled = [], []
+    claimed: dict[str, str] = {}  # output path -> the key that writes it
     for f in inputs:
         fmt = output_format(f.key, options.output_format)
-        out = storage.join(options.dst, storage.with_suffix(f.key, OUTPUT_SUFFIX[fmt]))
+        out = storage.join(options.dst, storage.with_suffix(f.key, output_suffix(f.key, fmt)))
         row = {
             "source": f.uri,
             "key": f.key,
@@ -90,14 +91,19 @@ def plan_inputs(options: RunOptions, run_id: str) -> tuple[list[dict[str, Any]],
             "output": out,
             "out_format": fmt,
         }
-        if storage.filesystem(out)[1] in existing:
-            skipped.append({**row, "run_id": run_id, "status": SKIPPED, "error": "output exists (use --overwrite to redo)"})
+        path = storage.filesystem(out)[1]
+        if path in claimed:  # e.g. x.gif and x.png both become x.png; x.jpg and x.png with --format png
+            error = f"its output {out} is already the output of {claimed[path]}; rename one of them"
+            settled.append({**row, "run_id": run_id, "status": FAILED, "error": error})
+        elif path in existing:
+            settled.append({**row, "run_id": run_id, "status": SKIPPED, "error": "output exists (use --overwrite to redo)"})
         else:
             todo.append(row)
+        claimed.setdefault(path, f.key)
     sample = quality.choose_sample([r["key"] for r in todo], options.spot_check_rate)
     for row in todo:
         row["spot_check"] = row["key"] in sample
-    return todo, skipped
+    return todo, settled
 
 
 def build_dataset(rows: list[dict[str, Any]], options: RunOptions, *, tile: int, scale: int, gpus: float, workers: tuple[int, int]):
@@ -160,12 +166,12 @@ def run(options: RunOptions, *, log: TextIO | None = None) -> RunResult:
         check_halo(options.halo, config.tile_size)
     except ValueError as e:
         raise UsageError(f"--halo: {e}") from None
-    if storage.filesystem(options.src)[1].rstrip("/") == storage.filesystem(options.dst)[1].rstrip("/"):
+    if storage.same_place(options.src, options.dst):
         raise UsageError(f"SRC and DST are the same place ({options.src}); write the outputs somewhere else")
     run_id = new_run_id()
     paths = RunPaths(dst=options.dst, run_id=run_id)
-    todo, skipped = plan_inputs(options, run_id)
-    print(f"isosr: run {run_id}: {len(todo)} inputs to upscale, {len(skipped)} skipped (outputs exist)", file=log)
+    todo, settled = plan_inputs(options, run_id)
+    print(f"isosr: run {run_id}: {len(todo)} inputs to upscale, {len(settled)} settled before starting (outputs exist, or clash)", file=log)
     print(f"isosr: {source.description}, version {source.version}", file=log)
     rows: list[dict[str, Any]] = []
     started_ray = _ray_init(options) if todo else False
@@ -175,6 +181,13 @@ def run(options: RunOptions, *, log: TextIO | None = None) -> RunResult:
             gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if gpus_available else 0.0)
             max_workers = options.max_workers or (max(1, int(gpus_available // gpus)) if gpus else 1)
             workers = (min(options.min_workers, max_workers), max_workers)
+            cpus = ray.cluster_resources().get("CPU", 0)
+            if workers[0] + 1 > cpus:
+                # Each model actor holds a CPU; decoding and encoding need at least one more.
+                raise UsageError(
+                    f"{workers[0]} model actors would hold all {cpus:g} CPUs of the cluster, leaving none for "
+                    "decoding and encoding; lower --min-workers"
+                )
             assembler = Assembler.remote(paths=paths, thresholds=options.thresholds)
             sink = ImageSink(paths=paths, thresholds=options.thresholds, assembler=assembler)
             ds = build_dataset(todo, options, tile=config.tile_size, scale=config.scale, gpus=gpus, workers=workers)
@@ -183,9 +196,9 @@ def run(options: RunOptions, *, log: TextIO | None = None) -> RunResult:
     finally:
         if started_ray:
             ray.shutdown()
-    for row in skipped:
+    for row in settled:
         row["model_sha256"] = source.version
-    manifest = table(rows + skipped)
+    manifest = table(rows + settled)
     manifest = manifest.sort_by("key")
     seconds = time.perf_counter() - started
     summary = summarize(manifest, run_id=run_id, seconds=seconds, thresholds=options.thresholds)

@@ -137,6 +137,9 @@ class ImageSink(Datasink[list[dict[str, Any]]]):
             metrics.record(out)
             return out
         started = time.perf_counter()
+        if row["crop_before"] is not None:
+            storage.write_atomic(self.paths.crop(row["key"], "before"), row["crop_before"])
+            storage.write_atomic(self.paths.crop(row["key"], "after"), row["crop_after"])
         if int(row["piece_count"]) > 1:
             storage.write_atomic(self.paths.staging(row["key"], int(row["piece_index"])), row["data"])
             meta = {k: v for k, v in row.items() if k not in ("data", "crop_before", "crop_after")}
@@ -149,9 +152,6 @@ class ImageSink(Datasink[list[dict[str, Any]]]):
             out = manifest_row(row, run_id=run_id, thresholds=self.thresholds, status=FAILED, error=str(e))
             metrics.record(out)
             return out
-        if row["crop_before"] is not None:
-            storage.write_atomic(self.paths.crop(row["key"], "before"), row["crop_before"])
-            storage.write_atomic(self.paths.crop(row["key"], "after"), row["crop_after"])
         out = manifest_row(
             row,
             run_id=run_id,
@@ -225,16 +225,15 @@ def assemble(paths: RunPaths, thresholds: Thresholds, parts: list[dict[str, Any]
             write_s=sum(float(m["write_s"]) for m in parts),
             **{k: first.get(k) for k in RT_SCORES},
         )
-    for meta in parts:
-        _remove(paths.staging(first["key"], int(meta["piece_index"])))
+    _remove_folder(paths.staging(first["key"], 0).rsplit("/", 1)[0])
     _Metrics.get().record(row)
     write_rows(paths, [row])
     return row
 
 
-def _remove(uri: str) -> None:
+def _remove_folder(uri: str) -> None:
     fs, path = storage.filesystem(uri)
     try:
-        fs.rm_file(path)
+        fs.rm(path, recursive=True)
     except FileNotFoundError:
         pass

@@ -221,11 +221,8 @@ def finish_stage(batch: Batch, *, scale: int) -> Batch:
             row.update(quality.round_trip_scores(unpack(row["rt_sr"]), rt))
         fmt = row["out_format"]
         row.update(out_width=out.shape[1], out_height=int(row["height"]) * scale)
-        if int(row["piece_count"]) == 1:
-            row["data"] = encode(out, fmt, icc_profile=row["icc"])
-            if row["spot_check"]:
-                row["crop_before"], row["crop_after"] = crop_pair(pixels, out, scale=scale)
-        else:
-            row["data"] = pack(out)
+        if row["spot_check"] and int(row["piece_index"]) == 0:
+            row["crop_before"], row["crop_after"] = crop_pair(own_input, out, scale=scale)
+        row["data"] = encode(out, fmt, icc_profile=row["icc"]) if int(row["piece_count"]) == 1 else pack(out)
         row["encode_s"] = time.perf_counter() - started
     return _batch(rows, FINISH_COLUMNS)

@@ -162,6 +162,16 @@ def exists(uri: str) -> bool:
     return fs.isfile(path)
 
 
+def same_place(a: str, b: str) -> bool:
+    """Whether two URIs name the same folder or prefix (local paths compared after resolving
+    symlinks and '..', so `d`, `d/../d` and `file://d` are one place)."""
+    fs_a, path_a = filesystem(a)
+    fs_b, path_b = filesystem(b)
+    if _is_local(fs_a) and _is_local(fs_b):
+        return os.path.realpath(path_a) == os.path.realpath(path_b)
+    return type(fs_a) is type(fs_b) and path_a.rstrip("/") == path_b.rstrip("/")
+
+
 def list_files(root: str) -> set[str]:
     """Filesystem paths (as `filesystem(uri)[1]` gives them) of every file under `root`, in one
     listing; empty when `root` does not exist yet."""

@@ -2,9 +2,58 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; playwright never downloads a browser here
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny variant saved as a checkpoint, with a random last layer so that its output differs
+    from plain bilinear."""
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import variant
+    from model.network import DenseIsoViT
+
+    torch.manual_seed(0)
+    model = DenseIsoViT(variant("tiny"))
+    torch.nn.init.normal_(model.to_rgb.weight, std=0.02)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(model, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Headless Chromium through playwright. Skipped where chromium or playwright is missing,
+    except in CI (CI=true), where that is a failure: CI must run the browser tests."""
+    reason = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = "playwright is not installed"
+    if reason is None and not CHROMIUM.exists():
+        reason = f"{CHROMIUM} is missing (apt-get install chromium)"
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser test: {reason}")
+        pytest.skip(reason)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +79,6 @@ def s3_endpoint() -> Iterator[str]:
 def s3_env(s3_endpoint: str) -> Iterator[str]:
     """AWS variables pointing at the local S3 endpoint for the whole session, set before Ray starts
     (`ray_local`) so that Ray's worker processes inherit them. Yields the endpoint URL."""
-    import os
-
     import s3fs
 
     values = {

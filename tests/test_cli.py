@@ -1,32 +1,25 @@
-"""`isosr upscale`, `isosr info` and `isosr demo` as a user runs them on local folders."""
+"""`isosr upscale`, `isosr info` and `isosr demo` as a user runs them on local folders.
+
+Commands that run the pipeline use the session's local Ray (conftest's `ray_local`: 2 CPUs, 1
+logical GPU), which `isosr upscale` reuses instead of starting its own; usage errors must be
+reported before any work starts, so those tests need no Ray.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image, ImageCms
 
-from model.checkpoint import save_checkpoint
-from model.config import variant
-from model.network import DenseIsoViT
-from pipeline.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = DenseIsoViT(variant("tiny"))
-    torch.nn.init.normal_(model.to_rgb.weight, std=0.02)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(model, path)
-    return str(path)
+from pipeline.cli import EXIT_OK, EXIT_USAGE, main
 
 
 def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -39,7 +32,7 @@ def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture
-def inputs(tmp_path):
+def inputs(tmp_path: Path) -> Path:
     """A nested folder of real-photo crops in the layouts and formats users have."""
     src = tmp_path / "src"
     (src / "nested" / "deeper").mkdir(parents=True)
@@ -54,53 +47,48 @@ def inputs(tmp_path):
     return src
 
 
-EXPECTED = {  # input -> (output, mode)
-    "rgb.png": ("rgb.png", "RGB"),
-    "nested/photo.jpg": ("nested/photo.jpg", "RGB"),
-    "nested/grey.png": ("nested/grey.png", "L"),
-    "nested/deeper/alpha.png": ("nested/deeper/alpha.png", "RGBA"),
-    "grey16.png": ("grey16.png", "I;16"),
-    "anim.gif": ("anim.png", "RGB"),
+EXPECTED = {  # input -> (output, mode, format)
+    "rgb.png": ("rgb.png", "RGB", "PNG"),
+    "nested/photo.jpg": ("nested/photo.jpg", "RGB", "JPEG"),
+    "nested/grey.png": ("nested/grey.png", "L", "PNG"),
+    "nested/deeper/alpha.png": ("nested/deeper/alpha.png", "RGBA", "PNG"),
+    "grey16.png": ("grey16.png", "I;16", "PNG"),
+    "anim.gif": ("anim.png", "RGB", "PNG"),
 }
 
 
-def test_upscale_mirrors_paths_sizes_modes_and_formats(inputs, tmp_path, tiny_checkpoint, capsys):
+@pytest.mark.cluster
+def test_upscale_mirrors_paths_sizes_modes_and_formats(
+    ray_local: None, inputs: Path, tmp_path: Path, tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     dst = tmp_path / "dst"
     status = main(["upscale", str(inputs), str(dst), "--checkpoint", tiny_checkpoint, "--batch-size", "5"])
     assert status == EXIT_OK
-    for source, (output, mode) in EXPECTED.items():
+    for source, (output, mode, fmt) in EXPECTED.items():
         with Image.open(inputs / source) as before, Image.open(dst / output) as after:
             assert after.size == (4 * before.width, 4 * before.height), output
             assert after.mode == mode, output
-            assert after.format == Image.open(inputs / source).format.replace("GIF", "PNG"), output
-    written = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file())
-    assert written == sorted(o for o, _ in EXPECTED.values())  # nothing else, no temporary files
+            assert after.format == fmt, output
+    outputs = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file() and "_isosr" not in p.parts)
+    assert outputs == sorted(o for o, _, _ in EXPECTED.values())  # nothing else, no temporary files
     grey16 = np.asarray(Image.open(dst / "grey16.png"))
     assert grey16.dtype.itemsize == 2 and grey16.max() > 255  # 16-bit stays 16-bit
+
     out = capsys.readouterr()
-    assert "inputs 6, ok 6, failed 0" in out.out
-    assert "[6/6]" in out.err  # progress, one line per image
+    assert "inputs 6, ok 6, failed 0, skipped 0" in out.out
+    assert re.search(r"MP in -> [\d.]+ MP out in [\d.]+ s \([\d.]+ output MP/s\)", out.out)
+    assert re.search(r"consistency PSNR: min [\d.]+ dB, median [\d.]+ dB over 6 images", out.out)
+    [run_dir] = re.findall(r"^manifest and report: (.+)$", out.out, re.MULTILINE)
+    assert Path(run_dir).parent == dst / "_isosr" / "runs"
+    assert {p.name for p in Path(run_dir).iterdir()} >= {"manifest.parquet", "report.json", "report.html"}
+    assert sorted(pq.read_table(Path(run_dir) / "manifest.parquet").column("key").to_pylist()) == sorted(EXPECTED)
+    assert "6 inputs to upscale" in out.err  # what the run is about to do, before the progress display
 
 
-def test_bad_files_are_listed_and_the_rest_still_written(inputs, tmp_path, tiny_checkpoint, capsys):
-    (inputs / "empty.png").write_bytes(b"")
-    (inputs / "notes.png").write_text("this is not an image")
-    good = (inputs / "rgb.png").read_bytes()
-    (inputs / "truncated.png").write_bytes(good[: len(good) // 2])
-    dst = tmp_path / "dst"
-    status = main(["upscale", str(inputs), str(dst), "--checkpoint", tiny_checkpoint])
-    assert status == EXIT_SOME_FAILED
-    out = capsys.readouterr().out
-    assert "inputs 9, ok 6, failed 3" in out
-    assert re.search(r"FAILED .*empty\.png: .*empty file", out)
-    assert re.search(r"FAILED .*notes\.png: .*not a readable image", out)
-    assert re.search(r"FAILED .*truncated\.png: .*not a readable image", out)
-    for output, _ in EXPECTED.values():
-        assert (dst / output).is_file()
-    assert not (dst / "empty.png").exists() and not (dst / "notes.png").exists()
-
-
-def test_exif_orientation_is_applied_and_icc_profile_kept(tmp_path, tiny_checkpoint):
+@pytest.mark.cluster
+def test_exif_orientation_is_applied_and_icc_profile_kept(
+    ray_local: None, tmp_path: Path, tiny_checkpoint: str
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     exif = Image.Exif()
@@ -111,70 +99,94 @@ def test_exif_orientation_is_applied_and_icc_profile_kept(tmp_path, tiny_checkpo
     with Image.open(tmp_path / "dst" / "phone.jpg") as out:
         assert out.size == (4 * 40, 4 * 100)  # displayed orientation: 40 wide, 100 tall
         assert out.info.get("icc_profile") == icc
+        assert out.getexif().get(0x0112, 1) == 1  # upright already: a viewer must not rotate it again
 
 
-def test_format_option_and_single_file(inputs, tmp_path, tiny_checkpoint):
+@pytest.mark.cluster
+def test_format_option_and_single_file(ray_local: None, inputs: Path, tmp_path: Path, tiny_checkpoint: str) -> None:
     dst = tmp_path / "dst"
-    assert main(["upscale", str(inputs / "rgb.png"), str(dst), "--checkpoint", tiny_checkpoint, "--format", "webp"]) == 0
+    args = ["--checkpoint", tiny_checkpoint, "--format", "webp"]
+    assert main(["upscale", str(inputs / "rgb.png"), str(dst), *args]) == EXIT_OK
     with Image.open(dst / "rgb.webp") as out:
         assert out.format == "WEBP" and out.size == (360, 280)
+    assert not (dst / "rgb.png").exists()
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["upscale", "/nonexistent/in", "/tmp/out"], "does not exist"),
-        (["upscale", ".", "/tmp/out", "--halo", "32"], "halo must be between 0 and 31"),
-        (["upscale", ".", "/tmp/out", "--batch-size", "0"], "must be at least 1"),
-        (["upscale", ".", "/tmp/out", "--checkpoint", "/nonexistent.safetensors"], "no such file"),
-        (["upscale", ".", "/tmp/out", "--format", "xcf"], "invalid choice"),
+        (["upscale", "{tmp}/nonexistent", "{tmp}/out"], "does not exist"),
+        (["upscale", "{tmp}/src", "{tmp}/out", "--halo", "32"], "halo must be between 0 and 31"),
+        (["upscale", "{tmp}/src", "{tmp}/out", "--batch-size", "0"], "must be at least 1"),
+        (["upscale", "{tmp}/src", "{tmp}/out", "--spot-check-rate", "2"], "must be between 0 and 1"),
+        (["upscale", "{tmp}/src", "{tmp}/out", "--format", "xcf"], "invalid choice"),
+        (["upscale", "{tmp}/src", "{tmp}/src/"], "same place"),
+        (["upscale", "{tmp}/src", "{tmp}/src/../src"], "same place"),
+        (["upscale", "{tmp}/src", "{tmp}/out", "--checkpoint", "{tmp}/nonexistent.safetensors"], "no such file"),
         (["frobnicate"], "invalid choice"),
     ],
+    ids=[
+        "missing-src", "halo", "batch-size", "spot-check-rate", "format", "src-is-dst",
+        "src-is-dst-spelled-differently", "missing-checkpoint", "command",
+    ],  # fmt: skip
 )
-def test_usage_errors_exit_2_with_a_message(args, message, capsys, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
+def test_usage_errors_exit_2_with_a_message(
+    args: list[str], message: str, tmp_path: Path, tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(photo(40, 40)).save(src / "x.png")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if argv[0] == "upscale" and "--checkpoint" not in argv:
+        argv += ["--checkpoint", tiny_checkpoint]
     try:
-        status = main(args)
+        status = main(argv)
     except SystemExit as e:  # argparse's own usage errors
         status = e.code
     assert status == EXIT_USAGE
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "out").exists()  # refused before any work
+    assert sorted(p.name for p in src.iterdir()) == ["x.png"]
 
 
-def test_info_reports_the_full_models_parameter_count():
-    out = subprocess.run(
-        [shutil.which("isosr") or sys.executable, "info"] if shutil.which("isosr") else [sys.executable, "-m", "pipeline.cli", "info"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def test_info_reports_the_full_models_parameter_count() -> None:
+    script = Path(sys.executable).with_name("isosr")  # the installed console script
+    assert script.exists(), f"{script} is missing: install the package (pip install -e .)"
+    out = subprocess.run([str(script), "info"], capture_output=True, text=True, check=True, timeout=120).stdout
     millions = float(re.search(r"parameters [\d,]+ \(([\d.]+) M\)", out).group(1))
     assert abs(millions - 23.8) / 23.8 <= 0.01
     assert "variant full" in out
 
 
-def test_info_names_the_checkpoint_digest(tiny_checkpoint, capsys):
-    import hashlib
-    from pathlib import Path
-
+def test_info_names_the_checkpoint_digest(tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--checkpoint", tiny_checkpoint]) == EXIT_OK
     out = capsys.readouterr().out
-    assert hashlib.sha256(Path(tiny_checkpoint).read_bytes()).hexdigest() in out
+    assert re.search(rf"version\s+{hashlib.sha256(Path(tiny_checkpoint).read_bytes()).hexdigest()}$", out, re.MULTILINE)
     assert "variant tiny" in out
 
 
 @pytest.mark.slow
-def test_demo_upscales_the_sample_photos(tmp_path, capsys, tiny_checkpoint):
+@pytest.mark.cluster
+def test_demo_upscales_the_sample_photos(
+    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: str
+) -> None:
     status = main(["demo", "--out", str(tmp_path / "demo"), "--checkpoint", tiny_checkpoint])
     assert status == EXIT_OK
-    outputs = sorted(p.name for p in (tmp_path / "demo" / "output").iterdir())
-    assert outputs == ["astronaut.png", "camera.png", "chelsea.png", "coffee.png"]
-    with Image.open(tmp_path / "demo" / "output" / "coffee.png") as out:
+    inputs, outputs = tmp_path / "demo" / "input", tmp_path / "demo" / "output"
+    names = ["astronaut.png", "camera.png", "chelsea.png", "coffee.png"]
+    assert sorted(p.name for p in outputs.iterdir() if p.is_file()) == names
+    for name in names:
+        with Image.open(inputs / name) as before, Image.open(outputs / name) as after:
+            assert after.size == (4 * before.width, 4 * before.height) and after.mode == before.mode, name
+    with Image.open(outputs / "coffee.png") as out:
         assert out.size == (2400, 1600)
-    assert f"x4 outputs in {(tmp_path / 'demo' / 'output').resolve()}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "inputs 4, ok 4, failed 0, skipped 0" in out
+    assert f"x4 outputs in {outputs.resolve()}" in out
 
 
-def test_encode_never_writes_alpha_into_jpeg():
+def test_encode_never_writes_alpha_into_jpeg() -> None:
     from pipeline.images import decode, encode
 
     rgba = np.zeros((8, 8, 4), np.uint8)

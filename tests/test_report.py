@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +19,6 @@ from PIL import Image
 from pipeline.manifest import table
 from pipeline.report import Crop, Thresholds, crop_pair, histogram_svg, render_html, summarize
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 HOSTILE = "<script>alert(1)</script>&\"'.png"
 SHA = "ab" * 32
 
@@ -199,27 +193,6 @@ def test_crop_pair_rejects_a_wrong_output_size() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ browser
-
-
-@pytest.fixture(scope="module")
-def browser():
-    reason = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        reason = "playwright is not installed"
-    if reason is None and not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is missing (apt-get install chromium)"
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the browser test: {reason}")
-        pytest.skip(reason)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _photo_crop(key: str, photo: np.ndarray) -> Crop:

@@ -1,0 +1,650 @@
+"""End-to-end tests of the distributed pipeline (pipeline.run) on a local Ray with logical GPUs, on
+local folders and on a real S3 endpoint (moto's server on 127.0.0.1).
+
+What a user would notice: an output missing, misplaced, of the wrong size, mode or format, or not
+looking like its input; an input with no manifest row, or two; a bad file that stops the job or
+leaves no readable reason; an object written outside DST; a second run that redoes work; a large
+image that comes out different when it is cut into bands; a barrier in the streaming pipeline;
+spot checks that sample differently from run to run. The tiny model variant keeps each run to
+seconds; one Ray session (conftest's `ray_local`) serves the whole module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import re
+import struct
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import skimage.data
+from PIL import Image, ImageOps
+
+from pipeline.cli import EXIT_OK, EXIT_SOME_FAILED, main
+from pipeline.run import RunOptions, RunResult, run
+from pipeline.stages import RT_SCORES
+
+pytestmark = pytest.mark.cluster
+
+RUNS = "_isosr/runs"
+
+# An upscale of a photo, box-downscaled x4, against the input: a faithful x4 scores ~30-40 dB, the
+# wrong picture, orientation or channel order scores ~10-18 dB.
+MIN_LOOKALIKE_PSNR_DB = 25.0
+
+
+# ----------------------------------------------------------------------------- fixtures and helpers
+
+
+def sha256_of(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def photo(name: str, h: int, w: int, y: int = 0, x: int = 0) -> np.ndarray:
+    """An h x w crop of one of scikit-image's bundled photos (no download)."""
+    pixels = getattr(skimage.data, name)()
+    crop = pixels[y : y + h, x : x + w]
+    assert crop.shape[:2] == (h, w), (name, crop.shape)
+    return np.ascontiguousarray(crop)
+
+
+def encoded(img: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+class Store:
+    """SRC and DST on one store, local folder or S3 bucket: put inputs, read what the run wrote."""
+
+    def __init__(
+        self, *, root: Path | None = None, bucket: str | None = None, client: object = None, endpoint: str = ""
+    ) -> None:
+        self.root, self.bucket, self.client, self.endpoint = root, bucket, client, endpoint
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}" if self.bucket else str(self.root / key)
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.bucket:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        else:
+            path = self.root / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+    def get(self, key: str) -> bytes:
+        if self.bucket:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        return (self.root / key).read_bytes()
+
+    def keys(self) -> list[str]:
+        """Every object (S3) or file (local) in the store, as keys."""
+        if self.bucket:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+            return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+
+    def read_table(self, key: str) -> pa.Table:
+        """A Parquet file read independently of the code under test: pyarrow, through s3fs on S3."""
+        if not self.bucket:
+            return pq.read_table(self.root / key)
+        import s3fs
+
+        fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": self.endpoint})
+        with fs.open(f"{self.bucket}/{key}", "rb") as f:
+            return pq.read_table(f)
+
+    def run_dirs(self, dst: str) -> list[str]:
+        """Keys of DST's run folders (DST/_isosr/runs/<run_id>), one per run that wrote its manifest."""
+        manifests = [k for k in self.keys() if k.startswith(f"{dst}/{RUNS}/") and k.endswith("/manifest.parquet")]
+        return sorted(k.rsplit("/", 1)[0] for k in manifests)
+
+
+def new_bucket(client: object, name: str) -> str:
+    bucket = f"isosr-{name}-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture(scope="module")
+def s3_client(s3_env: str) -> object:
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=s3_env, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+
+
+def local_store(tmp_path_factory: pytest.TempPathFactory, name: str) -> Store:
+    return Store(root=tmp_path_factory.mktemp(name))
+
+
+def s3_store(client: object, endpoint: str, name: str) -> Store:
+    return Store(bucket=new_bucket(client, name), client=client, endpoint=endpoint)
+
+
+def run_key(store: Store, result: RunResult, dst: str) -> str:
+    """The run folder's key in `store`, checked against where the result says it is."""
+    key = f"{dst}/{RUNS}/{result.run_id}"
+    assert result.run_dir.rstrip("/") == store.uri(key)
+    return key
+
+
+# ----------------------------------------------------------------------------- comparing pictures
+
+
+def comparable(img: Image.Image) -> np.ndarray:
+    """HxWxC float64 on the 8-bit scale: 16-bit scaled down, palette/CMYK as RGB, alpha
+    premultiplied (the colour under transparent pixels is not part of the picture)."""
+    if img.mode in ("I;16", "I;16B", "I"):
+        return (np.asarray(img, dtype=np.float64) / 257)[..., None]
+    if img.mode in ("P", "CMYK"):
+        img = img.convert("RGB")
+    x = np.asarray(img, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.shape[2] in (2, 4):
+        x = np.concatenate([x[..., :-1] * x[..., -1:] / 255, x[..., -1:]], axis=2)
+    return x
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def lookalike_psnr(before: Image.Image, after: Image.Image) -> float:
+    """PSNR of the x4 output box-downscaled x4 against the (EXIF-rotated) input, 4 px border cropped."""
+    ref, out = comparable(before), comparable(after)
+    h, w, c = ref.shape
+    assert out.shape == (4 * h, 4 * w, c), (out.shape, ref.shape)
+    down = out.reshape(h, 4, w, 4, c).mean(axis=(1, 3))
+    return psnr(down[4:-4, 4:-4], ref[4:-4, 4:-4])
+
+
+# ----------------------------------------------------------------------------- a mixed dataset
+
+
+@dataclass(frozen=True)
+class Expected:
+    output: str  # key relative to DST
+    mode: str  # Pillow mode of the output
+    format: str  # Pillow format of the output
+
+
+def mixed_tree() -> dict[str, tuple[bytes, Expected]]:
+    """key -> (input bytes, expected output): every layout and format users have, in a nested tree
+    with spaces and unicode in its names. Every side >= 64 px, so any image can be spot-checked."""
+    rgb = photo("astronaut", 72, 88, 180, 200)  # the face
+    coffee = photo("coffee", 80, 96, 100, 200)
+    grey = photo("camera", 76, 84, 100, 200)
+    alpha = np.linspace(0, 255, rgb.shape[0] * rgb.shape[1]).reshape(rgb.shape[:2]).astype(np.uint8)
+    grey16 = grey.astype(np.uint16) * 257 + np.arange(grey.shape[1], dtype=np.uint16)  # uses all 16 bits
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 64 wide x 96 tall, shown rotated 90 degrees clockwise: 96 wide x 64 tall
+    phone = photo("astronaut", 96, 64, 40, 200)
+    return {
+        "photos/astronaut face.png": (
+            encoded(Image.fromarray(rgb), "PNG"),
+            Expected("photos/astronaut face.png", "RGB", "PNG"),
+        ),
+        "photos/ñandú/coffee cup.jpg": (
+            encoded(Image.fromarray(coffee), "JPEG", quality=92),
+            Expected("photos/ñandú/coffee cup.jpg", "RGB", "JPEG"),
+        ),
+        "grey/cámera 1.png": (encoded(Image.fromarray(grey), "PNG"), Expected("grey/cámera 1.png", "L", "PNG")),
+        "alpha/mask 中文.png": (
+            encoded(Image.fromarray(np.dstack([rgb, alpha])), "PNG"),
+            Expected("alpha/mask 中文.png", "RGBA", "PNG"),
+        ),
+        "deep/16 bit/grey16.png": (
+            encoded(Image.fromarray(grey16), "PNG"),
+            Expected("deep/16 bit/grey16.png", "I;16", "PNG"),
+        ),
+        "anim/palette.gif": (
+            encoded(Image.fromarray(coffee).convert("P", palette=Image.Palette.ADAPTIVE), "GIF"),
+            Expected("anim/palette.png", "RGB", "PNG"),
+        ),
+        "web/coffee.webp": (
+            encoded(Image.fromarray(coffee), "WEBP", quality=95),
+            Expected("web/coffee.webp", "RGB", "WEBP"),
+        ),
+        "scan/astronaut.tiff": (encoded(Image.fromarray(rgb), "TIFF"), Expected("scan/astronaut.tiff", "RGB", "TIFF")),
+        "scan/old scan.bmp": (encoded(Image.fromarray(coffee), "BMP"), Expected("scan/old scan.bmp", "RGB", "BMP")),
+        "print/cmyk.jpg": (
+            encoded(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95),
+            Expected("print/cmyk.jpg", "RGB", "JPEG"),
+        ),
+        "phone/IMG 0001.JPG": (
+            encoded(Image.fromarray(phone), "JPEG", quality=95, exif=exif.tobytes()),
+            Expected("phone/IMG 0001.JPG", "RGB", "JPEG"),
+        ),
+    }
+
+
+@dataclass
+class MixedRun:
+    store: Store
+    src: str  # keys' prefix in the store
+    dst: str
+    tree: dict[str, tuple[bytes, Expected]]
+    result: RunResult
+    seconds: float
+
+
+MIXED_RATE = 0.3
+
+
+def run_mixed(store: Store, tiny_checkpoint: str) -> MixedRun:
+    tree = mixed_tree()
+    for key, (data, _) in tree.items():
+        store.put(f"in put/{key}", data)
+    options = RunOptions(
+        src=store.uri("in put"),
+        dst=store.uri("out"),
+        checkpoint=tiny_checkpoint,
+        gpus_per_worker=1,
+        spot_check_rate=MIXED_RATE,
+    )
+    started = time.perf_counter()
+    result = run(options)
+    return MixedRun(store, "in put", "out", tree, result, time.perf_counter() - started)
+
+
+@pytest.fixture(scope="module")
+def mixed_local(ray_local: None, tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str) -> MixedRun:
+    return run_mixed(local_store(tmp_path_factory, "mixed"), tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def mixed_s3(ray_local: None, s3_client: object, s3_env: str, tiny_checkpoint: str) -> MixedRun:
+    return run_mixed(s3_store(s3_client, s3_env, "mixed"), tiny_checkpoint)
+
+
+@pytest.fixture(params=["local", "s3"])
+def mixed(request: pytest.FixtureRequest) -> MixedRun:
+    return request.getfixturevalue(f"mixed_{request.param}")
+
+
+# ----------------------------------------------------------------------------- 1. formats, modes, sizes, manifest
+
+
+def test_every_output_mirrors_its_input(mixed: MixedRun) -> None:
+    store, tree = mixed.store, mixed.tree
+    for key, (data, expected) in tree.items():
+        with Image.open(io.BytesIO(data)) as raw:
+            before = ImageOps.exif_transpose(raw)
+            before.load()
+        with Image.open(io.BytesIO(store.get(f"{mixed.dst}/{expected.output}"))) as after:
+            after.load()
+            assert after.format == expected.format, key
+            assert after.size == (4 * before.width, 4 * before.height), key
+            assert after.mode == expected.mode, key
+            # Shown upright once: no orientation tag left to rotate it a second time.
+            assert after.getexif().get(0x0112, 1) == 1, key
+            score = lookalike_psnr(before, after)
+            assert score >= MIN_LOOKALIKE_PSNR_DB, f"{key}: the output, downscaled, is {score:.1f} dB from the input"
+    grey16 = np.asarray(Image.open(io.BytesIO(store.get(f"{mixed.dst}/deep/16 bit/grey16.png"))))
+    assert grey16.dtype.itemsize == 2 and np.count_nonzero(grey16 % 257) > grey16.size // 2  # not 8-bit widened
+
+    # Nothing else lands in DST: no temporaries, no output for a non-input; records only under _isosr/.
+    written = [k[len(mixed.dst) + 1 :] for k in store.keys() if k.startswith(mixed.dst + "/")]
+    outputs = sorted(k for k in written if not k.startswith("_isosr/"))
+    assert outputs == sorted(e.output for _, e in tree.values())
+
+
+def test_the_exif_rotation_is_clockwise(mixed_local: MixedRun) -> None:
+    data, expected = mixed_local.tree["phone/IMG 0001.JPG"]
+    output = mixed_local.store.get(f"{mixed_local.dst}/{expected.output}")
+    with Image.open(io.BytesIO(data)) as stored, Image.open(io.BytesIO(output)) as after:
+        after.load()
+        right = lookalike_psnr(stored.rotate(-90, expand=True), after)
+        wrong = lookalike_psnr(stored.rotate(90, expand=True), after)
+    assert right >= MIN_LOOKALIKE_PSNR_DB and right - wrong >= 5, (right, wrong)
+
+
+def test_manifest_has_one_ok_row_per_input_and_the_model_version(mixed: MixedRun, tiny_checkpoint: str) -> None:
+    store, tree = mixed.store, mixed.tree
+    runs = store.run_dirs(mixed.dst)
+    assert runs == [run_key(store, mixed.result, mixed.dst)]
+    manifest = store.read_table(f"{runs[0]}/manifest.parquet")
+    rows = manifest.to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(tree)  # each input exactly once
+    for row in rows:
+        _, expected = tree[row["key"]]
+        assert row["status"] == "ok" and row["error"] is None, row
+        assert row["run_id"] == mixed.result.run_id
+        assert row["source"] == store.uri(f"{mixed.src}/{row['key']}")
+        assert row["output"] == store.uri(f"{mixed.dst}/{expected.output}")
+        assert row["size_bytes"] == len(tree[row["key"]][0])
+        assert row["source_version"]
+        assert (row["out_width"], row["out_height"]) == (4 * row["width"], 4 * row["height"])
+        assert row["out_bytes"] == len(store.get(f"{mixed.dst}/{expected.output}"))
+        assert row["model_sha256"] == sha256_of(tiny_checkpoint)
+        assert row["consistency_psnr"] is not None and row["consistency_psnr"] > 30, row
+    # The input's layout after decoding; palette and CMYK are decoded to RGB.
+    assert {r["key"]: r["mode"] for r in rows} == {k: e.mode for k, (_, e) in tree.items()}
+
+    checked = [r for r in rows if r["spot_check"]]
+    assert checked, "no image was spot-checked"
+    for row in checked:
+        scores = [row[c] for c in RT_SCORES]
+        assert all(s is not None and math.isfinite(s) for s in scores), row
+        assert row["rt_gain_db"] == pytest.approx(row["rt_psnr_model_y"] - row["rt_psnr_bicubic_y"], abs=1e-9)
+        assert 15 < row["rt_psnr_model_y"] < 60 and 15 < row["rt_psnr_bicubic_y"] < 60, row
+
+    for name in ("report.json", "report.html"):
+        assert store.get(f"{runs[0]}/{name}"), name
+    report = json.loads(store.get(f"{runs[0]}/report.json"))
+    assert report["counts"] == {"inputs": len(tree), "ok": len(tree), "failed": 0, "skipped": 0}
+    assert report["model_sha256"] == [sha256_of(tiny_checkpoint)]
+
+
+# ----------------------------------------------------------------------------- 2. bad inputs
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with one tiny (wrong) data chunk: a pixel bomb."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_bad_inputs_are_reported_and_never_stop_the_job(
+    ray_local: None,
+    s3_client: object,
+    s3_env: str,
+    tiny_checkpoint: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = s3_store(s3_client, s3_env, "bad")
+    good_png = encoded(Image.fromarray(photo("astronaut", 64, 72, 180, 200)), "PNG")
+    good_jpg = encoded(Image.fromarray(photo("coffee", 64, 80, 100, 200)), "JPEG", quality=90)
+    good = {"good/face.png": good_png, "good/coffee.jpg": good_jpg}
+    bad = {  # key -> (bytes, what the error must say)
+        "bad/empty.png": (b"", r"empty file"),
+        "bad/truncated.png": (good_png[: len(good_png) // 2], r"truncat|not a readable image"),
+        "bad/truncated.jpg": (good_jpg[: len(good_jpg) // 2], r"truncat|not a readable image"),
+        "bad/notes.png": (b"meeting notes, not a picture\n" * 20, r"not an image"),
+        "bad/big.png": (encoded(Image.fromarray(photo("camera", 100, 120)), "PNG"), r"12000 pixels is above the limit"),
+        "bad/header bomb.png": (header_only_png(30000, 30000), r"900000000 pixels"),
+        "bad/float.tif": (encoded(Image.fromarray(np.full((70, 70), 0.5, np.float32)), "TIFF"), r"mode 'F'"),
+        "bad/deleted.png": (good_png, r"no such file"),
+    }
+    for key, data in {**good, **{k: v for k, (v, _) in bad.items()}}.items():
+        store.put(f"src/{key}", data)
+
+    # An object that is listed, then gone before it is read (deleted, or unreadable by then).
+    import pipeline.run
+
+    plan = pipeline.run.plan_inputs
+
+    def plan_then_delete(*args: object, **kwargs: object) -> object:
+        planned = plan(*args, **kwargs)
+        s3_client.delete_object(Bucket=store.bucket, Key="src/bad/deleted.png")
+        return planned
+
+    monkeypatch.setattr(pipeline.run, "plan_inputs", plan_then_delete)
+    args = ["--checkpoint", tiny_checkpoint, "--max-pixels", "10000", "--gpus-per-worker", "1"]
+    status = main(["upscale", store.uri("src"), store.uri("dst"), *args])
+    out = capsys.readouterr().out
+
+    assert status == EXIT_SOME_FAILED
+    assert f"inputs {len(good) + len(bad)}, ok {len(good)}, failed {len(bad)}, skipped 0" in out
+    for key, data in good.items():
+        with Image.open(io.BytesIO(data)) as before, Image.open(io.BytesIO(store.get(f"dst/{key}"))) as after:
+            assert after.size == (4 * before.width, 4 * before.height), key
+    outputs = [k for k in store.keys() if k.startswith("dst/") and not k.startswith("dst/_isosr/")]
+    assert sorted(outputs) == sorted(f"dst/{k}" for k in good)
+
+    [run_dir] = store.run_dirs("dst")
+    rows = {r["key"]: r for r in store.read_table(f"{run_dir}/manifest.parquet").to_pylist()}
+    assert sorted(rows) == sorted([*good, *bad])
+    for key, (_, message) in bad.items():
+        row = rows[key]
+        assert row["status"] == "failed" and row["output"] is None, row
+        assert re.search(message, row["error"]), f"{key}: {row['error']!r} does not say {message!r}"
+        assert re.search(rf"FAILED {re.escape(key)}: .*({message})", out), f"{key} is not listed as failed"
+    assert all(rows[k]["status"] == "ok" for k in good)
+
+
+# ----------------------------------------------------------------------------- 3. keys with '..'
+
+
+def test_keys_with_dot_dot_segments_stay_inside_dst(
+    ray_local: None, s3_client: object, s3_env: str, tiny_checkpoint: str
+) -> None:
+    store = s3_store(s3_client, s3_env, "dots")
+    png = encoded(Image.fromarray(photo("astronaut", 64, 64, 180, 200)), "PNG")
+    inputs = ["src/a/../../escape.png", "src/../../up.png", "src/b/../c.png", "src/plain.png"]
+    for key in inputs:
+        store.put(key, png)
+
+    result = run(RunOptions(src=store.uri("src"), dst=store.uri("dst"), checkpoint=tiny_checkpoint, gpus_per_worker=1))
+
+    rows = result.manifest.to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(k[len("src/") :] for k in inputs)
+    assert all(r["status"] == "ok" for r in rows), rows
+    everything = store.keys()
+    stray = [k for k in everything if k not in inputs and not k.startswith("dst/")]
+    assert stray == [], f"written outside DST: {stray}"
+    for row in rows:
+        assert row["output"].startswith(store.uri("dst/"))
+        key = row["output"][len(store.uri("")) :]
+        assert key in everything and ".." not in key.split("/"), key
+        with Image.open(io.BytesIO(store.get(key))) as img:
+            assert img.size == (256, 256)
+    outputs = [k for k in everything if k.startswith("dst/") and not k.startswith("dst/_isosr/")]
+    assert len(outputs) == len(inputs)  # one output each: no two keys collapsed onto one
+
+
+def test_two_inputs_never_share_one_output(ray_local: None, tmp_path: Path, tiny_checkpoint: str) -> None:
+    store = Store(root=tmp_path)
+    inputs = {
+        "photo.jpg": Image.fromarray(photo("astronaut", 64, 72, 180, 200)),
+        "photo.jpeg": Image.fromarray(photo("coffee", 64, 72, 100, 200)),
+    }
+    for key, img in inputs.items():
+        store.put(f"src/{key}", encoded(img, "JPEG", quality=95))
+
+    result = run(RunOptions(src=store.uri("src"), dst=store.uri("dst"), checkpoint=tiny_checkpoint, gpus_per_worker=1))
+
+    rows = result.manifest.to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(inputs)
+    ok = [r for r in rows if r["status"] == "ok"]
+    shared = [(r["key"], r["output"]) for r in ok]
+    assert len({r["output"] for r in ok}) == len(ok), f"two inputs written to one output: {shared}"
+    for row in ok:  # each output is the upscale of its own input
+        with Image.open(row["output"]) as after:
+            after.load()
+            assert lookalike_psnr(inputs[row["key"]], after) >= MIN_LOOKALIKE_PSNR_DB, row["key"]
+    assert all(r["error"] for r in rows if r["status"] != "ok")
+
+
+# ----------------------------------------------------------------------------- 4 and 7. skip, overwrite, spot checks
+
+
+def test_a_second_run_skips_everything_and_overwrite_redoes_it(
+    mixed_local: MixedRun, tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, tree = mixed_local.store, mixed_local.tree
+    src, dst = store.uri(mixed_local.src), store.uri(mixed_local.dst)
+    outputs = [store.root / mixed_local.dst / e.output for _, e in tree.values()]
+    first = mixed_local.result.manifest
+    stamps = [p.stat().st_mtime_ns for p in outputs]
+    capsys.readouterr()
+
+    runs = set(store.run_dirs(mixed_local.dst))
+    started = time.perf_counter()
+    args = ["--checkpoint", tiny_checkpoint, "--spot-check-rate", str(MIXED_RATE)]
+    assert main(["upscale", src, dst, *args]) == EXIT_OK
+    seconds = time.perf_counter() - started
+    [skip_run] = set(store.run_dirs(mixed_local.dst)) - runs
+    assert f"inputs {len(tree)}, ok 0, failed 0, skipped {len(tree)}" in capsys.readouterr().out
+    # No model work: quick, outputs untouched.
+    assert seconds < min(10.0, mixed_local.seconds), (seconds, mixed_local.seconds)
+    assert [p.stat().st_mtime_ns for p in outputs] == stamps
+    skipped = store.read_table(f"{skip_run}/manifest.parquet").to_pylist()
+    assert sorted(r["key"] for r in skipped) == sorted(tree)
+    assert {r["status"] for r in skipped} == {"skipped"}
+    assert all(r["output"] and r["error"] for r in skipped)
+
+    runs = set(store.run_dirs(mixed_local.dst))
+    assert main(["upscale", src, dst, *args, "--overwrite"]) == EXIT_OK
+    assert f"inputs {len(tree)}, ok {len(tree)}, failed 0, skipped 0" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns > s for p, s in zip(outputs, stamps))
+    [redo_run] = set(store.run_dirs(mixed_local.dst)) - runs
+    redone = store.read_table(f"{redo_run}/manifest.parquet").sort_by("key")
+    assert redone.column("status").to_pylist() == ["ok"] * len(tree)
+
+    # Spot checks are deterministic: the same keys on both runs at the same rate, some but not all.
+    sampled = first.sort_by("key").column("spot_check").to_pylist()
+    assert redone.column("spot_check").to_pylist() == sampled
+    assert 0 < sum(sampled) < len(tree)
+    # The same model on the same input gives the same output.
+    before = first.sort_by("key").column("consistency_psnr").to_pylist()
+    assert redone.column("consistency_psnr").to_pylist() == pytest.approx(before, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- 5. large images in bands
+
+
+@dataclass
+class TallRuns:
+    store: Store
+    split: RunResult
+    whole: RunResult
+
+
+@pytest.fixture(scope="module")
+def tall(ray_local: None, tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str) -> TallRuns:
+    """One tall photo (512 x 96: 9 x 2 tiles) upscaled in bands (max_tiles=4) and whole, at
+    spot-check rate 0, beside a small photo so the sample has a choice. ("tall.png" hashes below
+    "thumb.png", so the sample of one is the banded image.)"""
+    store = local_store(tmp_path_factory, "tall")
+    store.put("src/tall.png", encoded(Image.fromarray(photo("astronaut", 512, 96, 0, 200)), "PNG"))
+    store.put("src/thumb.png", encoded(Image.fromarray(photo("coffee", 64, 64, 100, 200)), "PNG"))
+    results = {}
+    for name, max_tiles in (("split", 4), ("whole", 1024)):
+        options = RunOptions(
+            src=store.uri("src"),
+            dst=store.uri(name),
+            checkpoint=tiny_checkpoint,
+            gpus_per_worker=1,
+            spot_check_rate=0.0,
+            max_tiles=max_tiles,
+        )
+        results[name] = run(options)
+    return TallRuns(store, **results)
+
+
+def test_a_large_image_cut_into_bands_comes_out_exactly_as_whole(tall: TallRuns) -> None:
+    from pipeline.stages import decode_stage
+
+    # max_tiles=4 really does cut this image: decoding yields more than one piece of work.
+    listing = pa.Table.from_pylist(
+        [dict(source=tall.store.uri("src/tall.png"), key="tall.png", size_bytes=0, source_version="v",
+              output="unused", out_format="PNG", spot_check=False)]  # fmt: skip
+    )
+    pieces = decode_stage(listing, tile=64, scale=4, halo=4, max_tiles=4, max_pixels=None)
+    assert pieces.num_rows >= 2 and set(pieces.column("piece_count").to_pylist()) == {pieces.num_rows}
+
+    split = np.asarray(Image.open(tall.store.root / "split" / "tall.png"))
+    whole = np.asarray(Image.open(tall.store.root / "whole" / "tall.png"))
+    assert split.shape == whole.shape == (2048, 384, 3)
+    if not np.array_equal(split, whole):
+        diff = np.abs(split.astype(int) - whole.astype(int))
+        rows = np.flatnonzero(diff.any(axis=(1, 2)))
+        pytest.fail(f"{np.count_nonzero(diff)} values differ (max {diff.max()}), output rows {rows.min()}-{rows.max()}")
+
+    rows = {name: r.manifest.to_pylist() for name, r in (("split", tall.split), ("whole", tall.whole))}
+    assert [r["key"] for r in rows["split"]] == [r["key"] for r in rows["whole"]] == ["tall.png", "thumb.png"]
+    split_row, whole_row = rows["split"][0], rows["whole"][0]
+    assert split_row["status"] == "ok" and (split_row["out_width"], split_row["out_height"]) == (384, 2048)
+    assert split_row["consistency_psnr"] == pytest.approx(whole_row["consistency_psnr"], abs=0.05)
+    assert split_row["tiles"] >= whole_row["tiles"]  # bands may rerun a tile row, never skip one
+
+    run_dir = tall.store.root / "split" / RUNS / tall.split.run_id
+    assert [p for p in (run_dir / "staging").rglob("*") if p.is_file()] == []  # staged bands cleaned up
+
+
+def test_at_least_one_image_is_spot_checked_at_rate_zero(tall: TallRuns) -> None:
+    for result in (tall.split, tall.whole):
+        checked = [r for r in result.manifest.to_pylist() if r["spot_check"]]
+        assert len(checked) == 1, checked
+        assert checked[0]["rt_gain_db"] is not None and math.isfinite(checked[0]["rt_gain_db"])
+    # The same image on both runs, with the same scores: the round trip of a banded image is kept.
+    split = [r for r in tall.split.manifest.to_pylist() if r["spot_check"]][0]
+    whole = [r for r in tall.whole.manifest.to_pylist() if r["spot_check"]][0]
+    assert split["key"] == whole["key"] == "tall.png"
+    for score in RT_SCORES:
+        assert split[score] == pytest.approx(whole[score], abs=1e-9), score
+
+
+# ----------------------------------------------------------------------------- 6. the plan streams
+
+
+def test_the_plan_has_no_barrier_and_keeps_decoding_off_the_model_actor(ray_local: None, tiny_checkpoint: str) -> None:
+    from pipeline.run import build_dataset
+
+    rows = [
+        dict(source=f"/nowhere/{i}.png", key=f"{i}.png", size_bytes=1, source_version="v", output=f"/out/{i}.png",
+             out_format="PNG", spot_check=False)
+        for i in range(3)
+    ]  # fmt: skip
+    options = RunOptions(src="/nowhere", dst="/out", checkpoint=tiny_checkpoint)
+    ds = build_dataset(rows, options, tile=64, scale=4, gpus=1.0, workers=(1, 2))
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        ds.explain()
+    plan = text.getvalue()
+    assert "-------- Physical Plan (Optimized) --------" in plan, plan
+    physical = plan.split("-------- Physical Plan (Optimized) --------", 1)[1]
+    operators = [line.strip(" +-") for line in physical.strip().splitlines()]
+    kinds = {op.split("[", 1)[0] for op in operators}
+    # Only streaming operators: an input buffer and map operators. A shuffle, sort, groupby,
+    # aggregate or repartition would appear as an all-to-all operator here.
+    assert kinds <= {"InputDataBuffer", "TaskPoolMapOperator", "ActorPoolMapOperator"}, plan
+    assert not re.search(r"AllToAll|Shuffle|Aggregate|Sort|Repartition|GroupBy|Zip|Limit", physical), plan
+    [model] = [op for op in operators if "TileWorker" in op]
+    assert model.startswith("ActorPoolMapOperator") and "decode_stage" not in model, plan
+    assert any("decode_stage" in op and op.startswith("TaskPoolMapOperator") for op in operators), plan
+
+
+# ----------------------------------------------------------------------------- the report in a browser
+
+
+def test_a_real_runs_report_renders_in_a_browser(mixed_local: MixedRun, browser: object) -> None:
+    store = mixed_local.store
+    path = store.root / run_key(store, mixed_local.result, mixed_local.dst) / "report.html"
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+    page.on("request", lambda r: r.url.startswith(("file:", "data:")) or problems.append(f"went out: {r.url}"))
+    page.goto(path.as_uri(), wait_until="load")
+
+    images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth, e.naturalHeight])")
+    spot_checked = sum(mixed_local.result.manifest.column("spot_check").to_pylist())
+    assert len(images) == 2 * spot_checked  # a before/after pair per spot-checked image
+    assert all(done and w > 0 and h > 0 for done, w, h in images), images
+    heights = page.locator("svg.histogram rect.bar").evaluate_all("rs => rs.map(r => r.getBBox().height)")
+    assert heights and min(heights) > 0, heights
+    assert page.get_by_text("Consistency PSNR (dB)").is_visible()
+    assert problems == []
+    page.close()
