@@ -247,9 +247,9 @@ class Canvas:
         a, b = self.band.out_rows
         rows = slice(a + s * self.plan.pad[0] - self._origin, b + s * self.plan.pad[0] - self._origin)
         cols = slice(s * left, s * (left + self.plan.width))
-        weight = self._sum_y[rows, None] * self._sum_x[None, cols]
-        out = self.total[rows, cols] / weight[..., None].astype(np.float32)
-        return np.clip(out, 0.0, 1.0)
+        weight = (self._sum_y[rows, None] * self._sum_x[None, cols]).astype(np.float32)
+        out = np.divide(self.total[rows, cols], weight[..., None])  # in place below: these are large
+        return np.clip(out, 0.0, 1.0, out=out)
 
 
 def blend_tiles(outputs: np.ndarray, plan: TilePlan, scale: int) -> np.ndarray:
@@ -312,9 +312,9 @@ def _merge(planes: list[np.ndarray], like: np.ndarray) -> np.ndarray:
     colour = planes[0]
     if channels in (1, 2):
         colour = colour.mean(axis=2, keepdims=True)  # grey in, grey out
-    parts = [colour] + ([planes[1].mean(axis=2, keepdims=True)] if channels in (2, 4) else [])
-    out = np.concatenate(parts, axis=2)
-    out = np.round(out * _max_value(like.dtype)).astype(like.dtype)
+    out = np.concatenate([colour, planes[1].mean(axis=2, keepdims=True)], axis=2) if channels in (2, 4) else colour
+    out *= _max_value(like.dtype)
+    out = np.rint(out, out=out).astype(like.dtype)
     return out[..., 0] if like.ndim == 2 else out
 
 

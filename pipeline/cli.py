@@ -66,8 +66,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-pixels", type=_positive, default=200_000_000, help="refuse inputs with more pixels (default 2e8)")
     parser.add_argument("--address", help="an existing Ray cluster (e.g. auto, or ray://HEAD:10001); default: start a local one")
-    parser.add_argument("--min-workers", type=_positive, default=1, help="model actors kept up (default 1)")
-    parser.add_argument("--max-workers", type=_positive, help="model actors at most (default: one per GPU, or 1 on CPU)")
+    parser.add_argument(
+        "--min-workers", type=_positive, help="model actors kept up (default: 1 with GPUs; CPU-only: --max-workers)"
+    )
+    parser.add_argument(
+        "--max-workers", type=_positive, help="model actors at most (default: one per GPU; CPU-only: one per CPU)"
+    )
     parser.add_argument(
         "--gpus-per-worker", type=float, help="GPUs each model actor reserves (default: 1 if the cluster has GPUs, else 0)"
     )

@@ -89,8 +89,8 @@ def _decode(data: bytes, max_pixels: int | None) -> Decoded:
         raise
     except UnidentifiedImageError:
         raise DecodeError("not an image in any supported format (PNG, JPEG, WebP, TIFF, BMP, GIF)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DecodeError(f"not a readable image ({e})") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types on hostile files
+        raise DecodeError(f"not a readable image ({type(e).__name__}: {e})") from None
     return Decoded(pixels, fmt, icc)
 
 
@@ -114,10 +114,17 @@ def _to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img)
 
 
+_MAX_SIDE = {"WEBP": 16383, "JPEG": 65535}  # the formats' own limits
+
+
 def encode(pixels: np.ndarray, fmt: str, *, icc_profile: bytes | None = None, quality: int = 95) -> bytes:
     """Encode an array (layouts as `decode` returns) in Pillow format `fmt`. JPEG cannot hold alpha
-    or 16 bits: alpha is composited onto white and 16-bit is reduced to 8-bit for it."""
+    or 16 bits: alpha is composited onto white and 16-bit is reduced to 8-bit for it. Raises
+    ValueError for an image larger than the format can hold."""
     fmt = "PNG" if fmt == "GIF" else fmt
+    h, w = pixels.shape[:2]
+    if max(h, w) > _MAX_SIDE.get(fmt, max(h, w)):
+        raise ValueError(f"{fmt} cannot hold {w}x{h} pixels (at most {_MAX_SIDE[fmt]} per side); choose --format png or tiff")
     img = Image.fromarray(pixels)
     if fmt in ("JPEG", "BMP") and img.mode in ("LA", "RGBA"):
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))

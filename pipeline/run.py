@@ -42,8 +42,8 @@ class RunOptions:
     dst: str
     checkpoint: str | None = None
     address: str | None = None  # an existing Ray cluster; None starts (and stops) a local one
-    min_workers: int = 1
-    max_workers: int | None = None  # default: one per GPU, or 1 on CPU
+    min_workers: int | None = None  # default: 1 with GPUs; on a CPU-only cluster, max_workers
+    max_workers: int | None = None  # default: one per GPU; on a CPU-only cluster, one per CPU
     gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
     batch_size: int = 8  # tiles per forward pass
     halo: int = DEFAULT_HALO
@@ -55,6 +55,38 @@ class RunOptions:
     device: str | None = None
     precision: str = "auto"
     thresholds: Thresholds = field(default_factory=Thresholds)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How the model stage sits on the cluster."""
+
+    gpus: float  # per actor
+    cpus: float  # logical CPUs per actor
+    threads: int | None  # torch threads per actor (None: torch's default)
+    workers: tuple[int, int]  # (min, max) actors
+
+
+def place(options: RunOptions, resources: dict[str, float]) -> Placement:
+    """GPU clusters: one actor per GPU holding a CPU. CPU-only: one single-threaded actor per CPU,
+    each accounted as half a CPU so that decoding and encoding tasks keep room beside them (two
+    single-threaded processes do ~20 % more than one two-threaded one on the 2-core machine: torch's
+    threads scale poorly at this size; RESULTS.md). Raises UsageError for actors that would leave
+    no CPU for the other stages."""
+    gpus_available, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if gpus_available else 0.0)
+    if gpus:
+        top = options.max_workers or max(1, int(gpus_available // gpus))
+        placement = Placement(gpus, 1.0, None, (min(options.min_workers or 1, top), top))
+    else:
+        top = options.max_workers or max(1, int(cpus))
+        placement = Placement(0.0, 0.5, 1, (min(options.min_workers or top, top), top))
+    if placement.workers[0] * placement.cpus + 0.5 > cpus:
+        raise UsageError(
+            f"{placement.workers[0]} model actors would hold all {cpus:g} CPUs of the cluster, leaving none for "
+            "decoding and encoding; lower --min-workers"
+        )
+    return placement
 
 
 @dataclass
@@ -106,26 +138,27 @@ def plan_inputs(options: RunOptions, run_id: str) -> tuple[list[dict[str, Any]],
     return todo, settled
 
 
-def build_dataset(rows: list[dict[str, Any]], options: RunOptions, *, tile: int, scale: int, gpus: float, workers: tuple[int, int]):
+def build_dataset(rows: list[dict[str, Any]], options: RunOptions, *, tile: int, scale: int, placement: Placement):
     """All map_batches wiring in one place: resources are set here, where the pipeline is assembled."""
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     ds = ds.map_batches(
         decode_stage,
         batch_size=1,
         batch_format="pyarrow",
-        # Half a CPU: decoding is light. Different resources from the model actor also keep Ray
-        # from fusing decoding into the actor, which would pin every band of an image to one actor.
-        num_cpus=0.5,
+        # A quarter CPU: decoding is light. Resources unlike the model actor's (which holds 1 or 0.5)
+        # also keep Ray from fusing decoding into the actor, which would pin an image's bands to it.
+        num_cpus=0.25,
         fn_kwargs={"tile": tile, "scale": scale, "halo": options.halo, "max_tiles": options.max_tiles, "max_pixels": options.max_pixels},
     )
     ds = ds.map_batches(
         TileWorker,
         batch_size=1,  # pieces per call; tiles of a call's pieces share forward batches
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=workers[0], max_size=workers[1]),
-        num_gpus=gpus,
-        num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(min_size=placement.workers[0], max_size=placement.workers[1]),
+        num_gpus=placement.gpus,
+        num_cpus=placement.cpus,
         fn_constructor_kwargs={
+            "threads": placement.threads,
             "checkpoint": options.checkpoint,
             "device": options.device,
             "precision": options.precision,
@@ -133,7 +166,7 @@ def build_dataset(rows: list[dict[str, Any]], options: RunOptions, *, tile: int,
             "halo": options.halo,
         },
     )
-    return ds.map_batches(finish_stage, batch_size=1, batch_format="pyarrow", fn_kwargs={"scale": scale})
+    return ds.map_batches(finish_stage, batch_size=1, batch_format="pyarrow", num_cpus=0.5, fn_kwargs={"scale": scale})
 
 
 def _ray_init(options: RunOptions) -> bool:
@@ -177,20 +210,10 @@ def run(options: RunOptions, *, log: TextIO | None = None) -> RunResult:
     started_ray = _ray_init(options) if todo else False
     try:
         if todo:
-            gpus_available = ray.cluster_resources().get("GPU", 0)
-            gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if gpus_available else 0.0)
-            max_workers = options.max_workers or (max(1, int(gpus_available // gpus)) if gpus else 1)
-            workers = (min(options.min_workers, max_workers), max_workers)
-            cpus = ray.cluster_resources().get("CPU", 0)
-            if workers[0] + 1 > cpus:
-                # Each model actor holds a CPU; decoding and encoding need at least one more.
-                raise UsageError(
-                    f"{workers[0]} model actors would hold all {cpus:g} CPUs of the cluster, leaving none for "
-                    "decoding and encoding; lower --min-workers"
-                )
+            placement = place(options, ray.cluster_resources())
             assembler = Assembler.remote(paths=paths, thresholds=options.thresholds)
             sink = ImageSink(paths=paths, thresholds=options.thresholds, assembler=assembler)
-            ds = build_dataset(todo, options, tile=config.tile_size, scale=config.scale, gpus=gpus, workers=workers)
+            ds = build_dataset(todo, options, tile=config.tile_size, scale=config.scale, placement=placement)
             ds.write_datasink(sink)
             rows = sink.rows + ray.get(assembler.results.remote())
     finally:

@@ -132,20 +132,21 @@ class ImageSink(Datasink[list[dict[str, Any]]]):
 
     def _write_row(self, row: dict[str, Any]) -> dict[str, Any] | None:
         run_id, metrics = self.paths.run_id, _Metrics.get()
-        if row["status"] != OK:
-            out = manifest_row(row, run_id=run_id, thresholds=self.thresholds)
-            metrics.record(out)
-            return out
         started = time.perf_counter()
-        if row["crop_before"] is not None:
+        if row["status"] == OK and row["crop_before"] is not None:
             storage.write_atomic(self.paths.crop(row["key"], "before"), row["crop_before"])
             storage.write_atomic(self.paths.crop(row["key"], "after"), row["crop_after"])
-        if int(row["piece_count"]) > 1:
-            storage.write_atomic(self.paths.staging(row["key"], int(row["piece_index"])), row["data"])
+        if (row["piece_count"] or 1) > 1:  # a band, ok or failed: the assembler settles its image
+            if row["status"] == OK:
+                storage.write_atomic(self.paths.staging(row["key"], int(row["piece_index"])), row["data"])
             meta = {k: v for k, v in row.items() if k not in ("data", "crop_before", "crop_after")}
             meta["write_s"] = time.perf_counter() - started
             ray.get(self.assembler.part_done.remote(meta))
             return None
+        if row["status"] != OK:
+            out = manifest_row(row, run_id=run_id, thresholds=self.thresholds)
+            metrics.record(out)
+            return out
         try:
             storage.write_atomic(row["output"], row["data"])
         except OSError as e:
@@ -194,10 +195,13 @@ class Assembler:
 @ray.remote(num_cpus=1)
 def assemble(paths: RunPaths, thresholds: Thresholds, parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the bands of one image (each read once into the final array, so the task holds the
-    output and no more), encode, write; return its manifest row."""
+    output and no more), encode, write; return its manifest row. A band that failed fails the image."""
     first = parts[0]
     started = time.perf_counter()
+    failed = next((m for m in parts if m["status"] != OK), None)
     try:
+        if failed is not None:
+            raise ValueError(f"band {failed['piece_index'] + 1} of {len(parts)}: {failed['error']}")
         out = None
         row_at = 0
         for meta in parts:
@@ -208,8 +212,8 @@ def assemble(paths: RunPaths, thresholds: Thresholds, parts: list[dict[str, Any]
             row_at += band.shape[0]
         data = encode(out, first["out_format"], icc_profile=first["icc"])
         storage.write_atomic(first["output"], data)
-    except (OSError, ValueError) as e:
-        row = manifest_row(first, run_id=paths.run_id, thresholds=thresholds, status=FAILED, error=f"assembling bands: {e}")
+    except Exception as e:  # noqa: BLE001 - one image's failure is its row, never the run's
+        row = manifest_row(first, run_id=paths.run_id, thresholds=thresholds, status=FAILED, error=str(e))
     else:
         sse = sum(float(m["consistency_sse"]) for m in parts)
         count = sum(int(m["consistency_n"]) for m in parts)

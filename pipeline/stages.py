@@ -23,7 +23,6 @@ loaded with allow_pickle=False):
 from __future__ import annotations
 
 import io
-import os
 import time
 from typing import Any
 
@@ -97,7 +96,7 @@ def decode_stage(batch: Batch, *, tile: int, scale: int, halo: int, max_tiles: i
         try:
             image = decode(storage.read_bytes(row["source"]), max_pixels=max_pixels)
             pieces = split_image(image.pixels, tile=tile, scale=scale, halo=halo, max_tiles=max_tiles)
-        except (DecodeError, OSError, ValueError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever one input does, it gets a row and the rest go on
             out.append({**row, "status": FAILED, "error": _readable(e), "decode_s": time.perf_counter() - started})
             continue
         rt = quality.round_trip_input(image.pixels, scale=scale) if row["spot_check"] else None
@@ -152,16 +151,17 @@ class TileWorker:
     """The model stage: one network per actor, loaded once; tiles of every piece in the batch (and
     of the round-trip LR images) share forward batches of `batch_size` tiles."""
 
-    def __init__(self, *, checkpoint: str | None, device: str | None, precision: str, batch_size: int, halo: int) -> None:
+    def __init__(
+        self, *, checkpoint: str | None, device: str | None, precision: str, batch_size: int, halo: int, threads: int | None
+    ) -> None:
         import torch
 
         from model.inference import TileUpscaler, load_model
 
         source = load_model(checkpoint)
         self.runner = TileUpscaler(source.model, device=device, dtype=precision)
-        if self.runner.device.type == "cpu":
-            # Ray pins OMP threads to the actor's CPU reservation (1); the model is the heavy stage.
-            torch.set_num_threads(os.cpu_count() or 1)
+        if self.runner.device.type == "cpu" and threads:
+            torch.set_num_threads(threads)
         self.version = source.version
         self.batch_size = batch_size
         self.halo = halo
@@ -192,6 +192,23 @@ class TileWorker:
         return _batch(rows, MODEL_COLUMNS)
 
 
+def _finish_row(row: dict[str, Any], scale: int) -> None:
+    out = unpack(row["out_pixels"])
+    pixels = unpack(row["pixels"])
+    band = _band(row["band"])
+    first, last = band.out_rows[0] // scale, band.out_rows[1] // scale
+    own_input = pixels[first - band.in_rows[0] : last - band.in_rows[0]]
+    sse, n = quality.consistency_sse(out, own_input, top=first == 0, bottom=last == int(row["height"]), scale=scale)
+    row.update(consistency_sse=sse, consistency_n=n)
+    if row["rt_sr"] is not None:
+        rt = quality.RoundTripInput(unpack(row["rt_ref"]), unpack(row["rt_lr"]))
+        row.update(quality.round_trip_scores(unpack(row["rt_sr"]), rt))
+    row.update(out_width=out.shape[1], out_height=int(row["height"]) * scale)
+    if row["spot_check"] and int(row["piece_index"]) == 0:
+        row["crop_before"], row["crop_after"] = crop_pair(own_input, out, scale=scale)
+    row["data"] = encode(out, row["out_format"], icc_profile=row["icc"]) if int(row["piece_count"]) == 1 else pack(out)
+
+
 FINISH_COLUMNS = [c for c in MODEL_COLUMNS if c not in PIXEL_COLUMNS] + [
     "data", "out_width", "out_height", "consistency_sse", "consistency_n", *RT_SCORES,
     "crop_before", "crop_after", "encode_s",
@@ -209,20 +226,9 @@ def finish_stage(batch: Batch, *, scale: int) -> Batch:
         if row["status"] != OK:
             continue
         started = time.perf_counter()
-        out = unpack(row["out_pixels"])
-        pixels = unpack(row["pixels"])
-        band = _band(row["band"])
-        first, last = band.out_rows[0] // scale, band.out_rows[1] // scale
-        own_input = pixels[first - band.in_rows[0] : last - band.in_rows[0]]
-        sse, n = quality.consistency_sse(out, own_input, top=first == 0, bottom=last == int(row["height"]), scale=scale)
-        row.update(consistency_sse=sse, consistency_n=n)
-        if row["rt_sr"] is not None:
-            rt = quality.RoundTripInput(unpack(row["rt_ref"]), unpack(row["rt_lr"]))
-            row.update(quality.round_trip_scores(unpack(row["rt_sr"]), rt))
-        fmt = row["out_format"]
-        row.update(out_width=out.shape[1], out_height=int(row["height"]) * scale)
-        if row["spot_check"] and int(row["piece_index"]) == 0:
-            row["crop_before"], row["crop_after"] = crop_pair(own_input, out, scale=scale)
-        row["data"] = encode(out, fmt, icc_profile=row["icc"]) if int(row["piece_count"]) == 1 else pack(out)
+        try:
+            _finish_row(row, scale)
+        except Exception as e:  # noqa: BLE001 - e.g. an output too large for its format
+            row.update(status=FAILED, error=_readable(e), data=None, crop_before=None, crop_after=None)
         row["encode_s"] = time.perf_counter() - started
     return _batch(rows, FINISH_COLUMNS)

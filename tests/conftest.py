@@ -75,6 +75,31 @@ def s3_endpoint() -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, object]]:
+    """(bucket, boto3 client): a fresh bucket on the local S3 endpoint. The code under test reaches it
+    through the standard AWS environment alone (set here with monkeypatch), while the client is given
+    the endpoint explicitly, so agreement between them proves the environment works."""
+    import uuid
+
+    import boto3
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    # s3fs caches filesystem instances by constructor arguments, not by environment.
+    s3fs.S3FileSystem.clear_instance_cache()
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket = f"isosr-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    yield bucket, client
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.fixture(scope="session")
 def s3_env(s3_endpoint: str) -> Iterator[str]:
     """AWS variables pointing at the local S3 endpoint for the whole session, set before Ray starts

@@ -249,45 +249,24 @@ def test_http_errors_are_checkpoint_errors(http_dir: tuple[Path, str]) -> None:
 # ----------------------------------------------------------------------------- 4. S3
 
 
-@pytest.fixture
-def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh bucket on the local S3 endpoint, reached through the standard AWS environment only."""
-    import boto3
-    import s3fs
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(var, raising=False)
-    # s3fs caches filesystem instances by constructor arguments, not by environment.
-    s3fs.S3FileSystem.clear_instance_cache()
-    bucket = f"isosr-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    yield bucket
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
 @pytest.mark.timeout(60)
-def test_save_and_load_on_s3(s3_bucket: str, s3_endpoint: str) -> None:
-    import boto3
-
+def test_save_and_load_on_s3(s3_bucket: tuple[str, object]) -> None:
+    bucket, client = s3_bucket
     m = random_model()
-    uri = f"s3://{s3_bucket}/ck/m.safetensors"
+    uri = f"s3://{bucket}/ck/m.safetensors"
 
     digest = save_checkpoint(m, uri)
     ckpt = load_checkpoint(uri)
 
     # The object really is on the local endpoint (asked with an explicit endpoint, not the env),
     # i.e. s3fs honoured AWS_ENDPOINT_URL.
-    body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket=s3_bucket, Key="ck/m.safetensors")["Body"].read()
+    body = client.get_object(Bucket=bucket, Key="ck/m.safetensors")["Body"].read()
     assert hashlib.sha256(body).hexdigest() == digest == ckpt.sha256
     assert ckpt.config == m.config
     x = batch()
     assert torch.equal(forward(ckpt.model, x), forward(m, x))
 
-    missing = f"s3://{s3_bucket}/ck/nope.safetensors"
+    missing = f"s3://{bucket}/ck/nope.safetensors"
     with raises_checkpoint_error(missing, "no such file"):
         load_checkpoint(missing)
 

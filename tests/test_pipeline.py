@@ -599,8 +599,9 @@ def test_at_least_one_image_is_spot_checked_at_rate_zero(tall: TallRuns) -> None
 # ----------------------------------------------------------------------------- 6. the plan streams
 
 
-def test_the_plan_has_no_barrier_and_keeps_decoding_off_the_model_actor(ray_local: None, tiny_checkpoint: str) -> None:
-    from pipeline.run import build_dataset
+@pytest.mark.parametrize("on", ["gpu", "cpu"])
+def test_the_plan_has_no_barrier_and_keeps_decoding_off_the_model_actor(ray_local: None, tiny_checkpoint: str, on: str) -> None:
+    from pipeline.run import Placement, build_dataset
 
     rows = [
         dict(source=f"/nowhere/{i}.png", key=f"{i}.png", size_bytes=1, source_version="v", output=f"/out/{i}.png",
@@ -608,7 +609,8 @@ def test_the_plan_has_no_barrier_and_keeps_decoding_off_the_model_actor(ray_loca
         for i in range(3)
     ]  # fmt: skip
     options = RunOptions(src="/nowhere", dst="/out", checkpoint=tiny_checkpoint)
-    ds = build_dataset(rows, options, tile=64, scale=4, gpus=1.0, workers=(1, 2))
+    placement = Placement(1.0, 1.0, None, (1, 2)) if on == "gpu" else Placement(0.0, 0.5, 1, (2, 2))
+    ds = build_dataset(rows, options, tile=64, scale=4, placement=placement)
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         ds.explain()

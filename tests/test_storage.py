@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -68,28 +67,6 @@ def iso_utc(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------- S3 fixture
-
-
-@pytest.fixture
-def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, object]]:
-    """(bucket, boto3 client): a fresh bucket; pipeline.storage reaches it through the AWS environment
-    only, while the client is given the endpoint explicitly, so agreement proves the environment works."""
-    import boto3
-    import s3fs
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(var, raising=False)
-    # s3fs caches filesystem instances by constructor arguments, not by environment.
-    s3fs.S3FileSystem.clear_instance_cache()
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    bucket = f"isosr-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=bucket)
-    yield bucket, client
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def put_tree(client, bucket: str, prefix: str, files: dict[str, bytes]) -> None:
@@ -172,8 +149,8 @@ def test_missing_local_src_names_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_s3_listing_finds_every_image_with_its_etag(s3) -> None:
-    bucket, client = s3
+def test_s3_listing_finds_every_image_with_its_etag(s3_bucket) -> None:
+    bucket, client = s3_bucket
     put_tree(client, bucket, "in/", {**IMAGES, **NOT_INPUTS})
     client.put_object(Bucket=bucket, Key="input/sibling.png", Body=b"s")  # same leading letters, not under in/
     client.put_object(Bucket=bucket, Key="elsewhere.png", Body=b"e")
@@ -194,8 +171,8 @@ def test_s3_listing_finds_every_image_with_its_etag(s3) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_s3_listing_is_one_listing_without_a_request_per_object(s3) -> None:
-    bucket, client = s3
+def test_s3_listing_is_one_listing_without_a_request_per_object(s3_bucket) -> None:
+    bucket, client = s3_bucket
     put_tree(client, bucket, "in/", IMAGES)
     fs, _ = filesystem(f"s3://{bucket}/in")  # the cached instance list_inputs will use
     fs.connect()
@@ -207,8 +184,8 @@ def test_s3_listing_is_one_listing_without_a_request_per_object(s3) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_s3_key_with_dotdot_is_listed_as_stored_and_placed_inside_dst(s3, tmp_path: Path) -> None:
-    bucket, client = s3
+def test_s3_key_with_dotdot_is_listed_as_stored_and_placed_inside_dst(s3_bucket, tmp_path: Path) -> None:
+    bucket, client = s3_bucket
     key = "a/../../escape.png"
     client.put_object(Bucket=bucket, Key="in/" + key, Body=b"payload")  # S3 takes such keys as they are
     client.put_object(Bucket=bucket, Key="in/ok.png", Body=b"ok")
@@ -231,16 +208,16 @@ def test_s3_key_with_dotdot_is_listed_as_stored_and_placed_inside_dst(s3, tmp_pa
 
 
 @pytest.mark.timeout(60)
-def test_s3_single_object_src_is_the_one_input(s3) -> None:
-    bucket, client = s3
+def test_s3_single_object_src_is_the_one_input(s3_bucket) -> None:
+    bucket, client = s3_bucket
     client.put_object(Bucket=bucket, Key="in/one file.jpg", Body=b"123")
     (f,) = list_inputs(f"s3://{bucket}/in/one file.jpg")
     assert f == InputFile(f"s3://{bucket}/in/one file.jpg", "one file.jpg", 3, etag(client, bucket, "in/one file.jpg"))
 
 
 @pytest.mark.timeout(60)
-def test_missing_s3_src_names_it(s3) -> None:
-    bucket, client = s3
+def test_missing_s3_src_names_it(s3_bucket) -> None:
+    bucket, client = s3_bucket
     client.put_object(Bucket=bucket, Key="in/x.png", Body=b"x")
 
     empty_prefix = f"s3://{bucket}/nothing/here"
@@ -255,8 +232,8 @@ def test_missing_s3_src_names_it(s3) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_empty_bucket_lists_nothing(s3) -> None:
-    bucket, _ = s3
+def test_empty_bucket_lists_nothing(s3_bucket) -> None:
+    bucket, _ = s3_bucket
     assert list_inputs(f"s3://{bucket}") == []
 
 
@@ -377,8 +354,8 @@ def test_read_bytes_of_a_missing_file_names_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_s3_write_read_and_exists(s3) -> None:
-    bucket, client = s3
+def test_s3_write_read_and_exists(s3_bucket) -> None:
+    bucket, client = s3_bucket
     uri = f"s3://{bucket}/out/fotos/ñandú 1.png"
     assert not exists(uri)
     write_atomic(uri, b"first")
@@ -395,9 +372,9 @@ def test_s3_write_read_and_exists(s3) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_s3_exists_sees_changes_made_after_a_listing(s3) -> None:
+def test_s3_exists_sees_changes_made_after_a_listing(s3_bucket) -> None:
     # Resuming checks outputs after listing; s3fs would answer from the listing it cached.
-    bucket, client = s3
+    bucket, client = s3_bucket
     client.put_object(Bucket=bucket, Key="in/old.png", Body=b"o")
     list_inputs(f"s3://{bucket}/in")
     client.put_object(Bucket=bucket, Key="in/new.png", Body=b"n")
