@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -135,6 +136,9 @@ def plan_inputs(options: RunOptions, run_id: str) -> tuple[list[dict[str, Any]],
     sample = quality.choose_sample([r["key"] for r in todo], options.spot_check_rate)
     for row in todo:
         row["spot_check"] = row["key"] in sample
+    # Largest first: the last inputs to finish are then small ones, so no actor sits idle for long
+    # while another finishes a big image at the end of the run.
+    todo.sort(key=lambda r: -r["size_bytes"])
     return todo, settled
 
 
@@ -236,7 +240,7 @@ def write_run_files(paths: RunPaths, manifest: pa.Table, summary: dict[str, Any]
     storage.write_atomic(f"{paths.run_dir}/manifest.parquet", buffer.getvalue().to_pybytes())
     storage.write_atomic(f"{paths.run_dir}/report.json", json.dumps(summary, indent=2, allow_nan=False).encode())
     crops = []
-    for row in manifest.filter(pa.compute.equal(manifest["spot_check"], True)).to_pylist()[:MAX_REPORT_CROPS]:
+    for row in manifest.filter(pc.equal(manifest["spot_check"], True)).to_pylist()[:MAX_REPORT_CROPS]:
         if row["status"] == OK and storage.exists(paths.crop(row["key"], "before")):
             crops.append(
                 Crop(row["key"], storage.read_bytes(paths.crop(row["key"], "before")), storage.read_bytes(paths.crop(row["key"], "after")))
