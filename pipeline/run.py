@@ -31,6 +31,7 @@ from pipeline.sink import Assembler, ImageSink, RunPaths
 from pipeline.stages import TileWorker, decode_stage, finish_stage
 
 MAX_REPORT_CROPS = 12
+FINISH_CPUS = 0.5  # quality checks + encoding (and the writes fused with them), per task
 
 
 class UsageError(ValueError):
@@ -170,7 +171,7 @@ def build_dataset(rows: list[dict[str, Any]], options: RunOptions, *, tile: int,
             "halo": options.halo,
         },
     )
-    return ds.map_batches(finish_stage, batch_size=1, batch_format="pyarrow", num_cpus=0.5, fn_kwargs={"scale": scale})
+    return ds.map_batches(finish_stage, batch_size=1, batch_format="pyarrow", num_cpus=FINISH_CPUS, fn_kwargs={"scale": scale})
 
 
 def _ray_init(options: RunOptions) -> bool:
@@ -218,7 +219,9 @@ def run(options: RunOptions, *, log: TextIO | None = None) -> RunResult:
             assembler = Assembler.remote(paths=paths, thresholds=options.thresholds)
             sink = ImageSink(paths=paths, thresholds=options.thresholds, assembler=assembler)
             ds = build_dataset(todo, options, tile=config.tile_size, scale=config.scale, placement=placement)
-            ds.write_datasink(sink)
+            # Writes ask what the encode stage asks, so Ray fuses the two: no extra hand-off of the
+            # encoded bytes through the object store.
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": FINISH_CPUS})
             rows = sink.rows + ray.get(assembler.results.remote())
     finally:
         if started_ray:
