@@ -91,12 +91,18 @@ def test_rgb_to_y_grayscale_is_passed_through() -> None:
 # ---------------------------------------------------------------------- PSNR
 
 
+def _reference_pair(noisy: np.ndarray, clean: np.ndarray, y_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The cropped pair as skimage should see it; on Y, skimage's own Y, so that the reference does
+    not depend on rgb_to_y."""
+    if y_channel:
+        return _sk_y(_crop(noisy)), _sk_y(_crop(clean))
+    return _crop(noisy).astype(np.float64), _crop(clean).astype(np.float64)
+
+
 @pytest.mark.parametrize("y_channel", [False, True])
 def test_psnr_matches_skimage(astronaut: np.ndarray, y_channel: bool) -> None:
     noisy = _noisy(astronaut, 8.0, seed=1)
-    a, b = _crop(noisy).astype(np.float64), _crop(astronaut).astype(np.float64)
-    if y_channel:  # skimage's own Y, so the reference is independent of rgb_to_y
-        a, b = _sk_y(_crop(noisy)), _sk_y(_crop(astronaut))
+    a, b = _reference_pair(noisy, astronaut, y_channel)
     expected = skimage.metrics.peak_signal_noise_ratio(b, a, data_range=255)
     got = psnr(noisy, astronaut, crop_border=CROP, y_channel=y_channel)
     assert abs(got - expected) <= 1e-9
@@ -135,9 +141,7 @@ def test_identical_images() -> None:
 @pytest.mark.parametrize("y_channel", [False, True])
 def test_ssim_matches_skimage(coffee: np.ndarray, y_channel: bool) -> None:
     noisy = _noisy(coffee, 12.0, seed=4)
-    a, b = _crop(noisy).astype(np.float64), _crop(coffee).astype(np.float64)
-    if y_channel:  # skimage's own Y, so the reference is independent of rgb_to_y
-        a, b = _sk_y(_crop(noisy)), _sk_y(_crop(coffee))
+    a, b = _reference_pair(noisy, coffee, y_channel)
     expected = _sk_ssim(a, b)
     got = ssim(noisy, coffee, crop_border=CROP, y_channel=y_channel)
     # skimage filters with reflect padding, then discards a 5 px border, so what it
