@@ -32,6 +32,7 @@ from scipy import ndimage
 
 
 DEFAULT_HALO = 4  # input pixels of overlap per tile side: (64 / 56)^2 = 1.31x the compute of none
+DEFAULT_BATCH_SIZE = 8  # tiles per forward pass: 4-8 is best on CPU (RESULTS.md)
 
 
 class TileModel(Protocol):
@@ -350,7 +351,7 @@ class _Job:
         return all(c.done for c in self.canvases)
 
 
-def upscale_pieces(pieces: Iterable[Piece], model: TileModel, *, batch_size: int = 8) -> Iterator[np.ndarray]:
+def upscale_pieces(pieces: Iterable[Piece], model: TileModel, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[np.ndarray]:
     """Upscale pieces by model.scale, yielding each one's owned output rows (same layout and dtype)
     in input order as soon as its last tile is blended. Tiles of consecutive pieces share batches of
     `batch_size`; a piece is taken from `pieces` only when its tiles are needed to fill a batch.
@@ -397,7 +398,7 @@ def upscale_pieces(pieces: Iterable[Piece], model: TileModel, *, batch_size: int
 
 
 def upscale_arrays(
-    images: Iterable[np.ndarray], model: TileModel, *, halo: int = DEFAULT_HALO, batch_size: int = 8
+    images: Iterable[np.ndarray], model: TileModel, *, halo: int = DEFAULT_HALO, batch_size: int = DEFAULT_BATCH_SIZE
 ) -> Iterator[np.ndarray]:
     """Upscale images (HxW, HxWx1, x2, x3 or x4; uint8 or uint16) by model.scale, yielding each in
     input order as soon as its last tile is blended; tiles of consecutive images share batches.
@@ -414,6 +415,6 @@ def upscale_arrays(
     return upscale_pieces(pieces, model, batch_size=batch_size)
 
 
-def upscale_array(image: np.ndarray, model: TileModel, *, halo: int = DEFAULT_HALO, batch_size: int = 8) -> np.ndarray:
+def upscale_array(image: np.ndarray, model: TileModel, *, halo: int = DEFAULT_HALO, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     """Upscale one image; see `upscale_arrays` for what is accepted and guaranteed."""
     return next(upscale_arrays([image], model, halo=halo, batch_size=batch_size))

@@ -16,10 +16,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from model.tiling import DEFAULT_HALO
+from model.tiling import DEFAULT_BATCH_SIZE, DEFAULT_HALO
+from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.quality import DEFAULT_SPOT_CHECK_RATE
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
-DEFAULT_BATCH_SIZE = 8
 DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "camera")  # scikit-image's bundled photos (camera is grey)
 
 
@@ -64,7 +65,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         choices=["PNG", "JPEG", "WEBP", "TIFF", "BMP"],
         help="output format (default: the input's; GIF becomes PNG)",
     )
-    parser.add_argument("--max-pixels", type=_positive, default=200_000_000, help="refuse inputs with more pixels (default 2e8)")
+    parser.add_argument(
+        "--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, help=f"refuse inputs with more pixels (default {DEFAULT_MAX_PIXELS:.0e})"
+    )
     parser.add_argument("--address", help="an existing Ray cluster (e.g. auto, or ray://HEAD:10001); default: start a local one")
     parser.add_argument(
         "--min-workers", type=_positive, help="model actors kept up (default: 1 with GPUs; CPU-only: --max-workers)"
@@ -83,8 +86,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spot-check-rate",
         type=_rate,
-        default=0.05,
-        help="share of inputs given the round-trip PSNR check, 0-1 (default 0.05; at least one per run)",
+        default=DEFAULT_SPOT_CHECK_RATE,
+        help=f"share of inputs given the round-trip PSNR check, 0-1 (default {DEFAULT_SPOT_CHECK_RATE}; at least one per run)",
     )
 
 

@@ -30,6 +30,7 @@ OUTPUT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif",
 # decode() enforces --max-pixels itself, from the header, before any pixel is decoded; Pillow's own
 # lower limit (~179 MP, an error at twice its warning level) would otherwise override it.
 Image.MAX_IMAGE_PIXELS = None
+DEFAULT_MAX_PIXELS = 200_000_000  # larger inputs are refused unless --max-pixels says otherwise
 _RGB_MODES = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"}
 
 

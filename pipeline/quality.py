@@ -22,6 +22,7 @@ from model.metrics import bicubic_downscale, psnr
 
 BORDER = 4  # px cropped from each side, as BasicSR does for x4
 ROUND_TRIP_CROP = 512  # HR side of the round-trip crop: bounded cost whatever the image size
+DEFAULT_SPOT_CHECK_RATE = 0.05
 
 
 def colour_8bit(pixels: np.ndarray) -> np.ndarray:

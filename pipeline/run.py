@@ -22,9 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from model.tiling import DEFAULT_HALO
+from model.tiling import DEFAULT_BATCH_SIZE, DEFAULT_HALO
 from pipeline import quality, storage
-from pipeline.images import output_format, output_suffix
+from pipeline.images import DEFAULT_MAX_PIXELS, output_format, output_suffix
 from pipeline.manifest import FAILED, OK, SKIPPED, table
 from pipeline.report import Crop, Thresholds, render_html, summarize
 from pipeline.sink import Assembler, ImageSink, RunPaths
@@ -47,12 +47,12 @@ class RunOptions:
     min_workers: int | None = None  # default: 1 with GPUs; on a CPU-only cluster, max_workers
     max_workers: int | None = None  # default: one per GPU; on a CPU-only cluster, one per CPU
     gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
-    batch_size: int = 8  # tiles per forward pass
+    batch_size: int = DEFAULT_BATCH_SIZE  # tiles per forward pass
     halo: int = DEFAULT_HALO
     output_format: str | None = None
     skip_existing: bool = True
-    spot_check_rate: float = 0.05
-    max_pixels: int | None = 200_000_000
+    spot_check_rate: float = quality.DEFAULT_SPOT_CHECK_RATE
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     max_tiles: int = 1024  # an image with more tiles is cut into bands spread over the actors
     device: str | None = None
     precision: str = "auto"
