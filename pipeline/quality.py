@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.metrics import bicubic_downscale, psnr
+from model.metrics import bicubic_downscale_array, psnr
 
 BORDER = 4  # px cropped from each side, as BasicSR does for x4
 ROUND_TRIP_CROP = 512  # HR side of the round-trip crop: bounded cost whatever the image size
@@ -36,20 +36,12 @@ def colour_8bit(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / 255)[None]
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return np.round(x[0].clamp(0, 1).numpy().transpose(1, 2, 0) * 255).astype(np.uint8)
-
-
 def consistency_sse(output_rows: np.ndarray, input_rows: np.ndarray, *, top: bool, bottom: bool, scale: int = 4) -> tuple[float, int]:
     """(sum of squared errors on the 8-bit scale, value count) between `output_rows` downscaled x`scale`
     and `input_rows`. The 4 px border is left out on the left and right, and on the top/bottom when
     these rows are the image's first/last. Rows too few for the border give (0.0, 0)."""
     out8, in8 = colour_8bit(output_rows), colour_8bit(input_rows)
-    down = _to_uint8(bicubic_downscale(_to_tensor(out8), scale)).astype(np.float64)
+    down = bicubic_downscale_array(out8, scale).astype(np.float64)
     ref = in8.astype(np.float64)
     y0, y1 = (BORDER if top else 0), ref.shape[0] - (BORDER if bottom else 0)
     x0, x1 = BORDER, ref.shape[1] - BORDER
@@ -98,16 +90,16 @@ def round_trip_input(pixels: np.ndarray, *, scale: int = 4, crop: int = ROUND_TR
         return None
     y0, x0 = (colour.shape[0] - h) // 2, (colour.shape[1] - w) // 2
     reference = np.ascontiguousarray(colour[y0 : y0 + h, x0 : x0 + w])
-    lr = _to_uint8(bicubic_downscale(_to_tensor(reference), scale))
+    lr = bicubic_downscale_array(reference, scale)
     return RoundTripInput(reference, lr)
 
 
 def bicubic_upscale(lr: np.ndarray, scale: int = 4) -> np.ndarray:
     """The baseline: the same Keys a = -0.5 cubic as the degradation (torch's antialiased path,
     i.e. Pillow's BICUBIC), upscaling."""
-    x = _to_tensor(lr)
+    x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1), dtype=np.float32) / 255)[None]
     up = F.interpolate(x, scale_factor=scale, mode="bicubic", antialias=True, align_corners=False)
-    return _to_uint8(up)
+    return np.round(up[0].clamp(0, 1).numpy().transpose(1, 2, 0) * 255).astype(np.uint8)
 
 
 def round_trip_scores(sr: np.ndarray, rt: RoundTripInput) -> dict[str, float]:
