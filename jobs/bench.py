@@ -29,11 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from model.config import variant  # noqa: E402
-from model.network import DenseIsoViT, parameter_count, pick_device, precision  # noqa: E402
+from model.config import variant
+from model.network import DenseIsoViT, parameter_count, pick_device, precision
 
 
 def machine() -> dict[str, object]:
