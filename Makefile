@@ -25,4 +25,7 @@ test: $(VENV)/.installed
 	@# The report test opens report.html in a real headless browser: Debian's chromium.
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "chromium is not installed: the browser test of report.html will be skipped"
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not autoscaling"
+	@# The autoscaling test's fake cluster starts and stops with `ray stop --force`, which ends every
+	@# Ray process on the machine: it runs in a pytest process of its own, after the others.
+	$(BIN)/python -m pytest -m autoscaling

@@ -23,7 +23,7 @@ from model.config import DenseIsoViTConfig
 from model.network import DenseIsoViT
 
 CONFIG_KEY = "isosr.config"
-# Ships with the package once trained default weights exist (the training issue adds them).
+# The shipped default weights (float16; recipe, data and scores in RESULTS.md), used without --checkpoint.
 DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "default.safetensors"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 

@@ -140,3 +140,8 @@ def variant(name: str) -> DenseIsoViTConfig:
         return VARIANTS[name]
     except KeyError:
         raise ValueError(f"unknown model variant {name!r}; choose one of {sorted(VARIANTS)}") from None
+
+
+def variant_name(config: DenseIsoViTConfig) -> str:
+    """The name of the variant `config` is, or "custom"."""
+    return next((name for name, c in VARIANTS.items() if c == config), "custom")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from model.config import variant
+from model.config import variant, variant_name
 from model.network import DenseIsoViT, pick_device, precision
 
 
@@ -47,17 +47,21 @@ class ModelSource:
     description: str
 
 
-def load_model(checkpoint: str | None, *, untrained_variant: str = "full") -> ModelSource:
-    """The checkpoint at `checkpoint`; with None, the shipped default weights if present, else the
-    untrained `untrained_variant`, whose output is exactly bilinear upscaling (its last layer is 0)."""
-    if checkpoint is None and DEFAULT_CHECKPOINT.exists():
-        checkpoint = str(DEFAULT_CHECKPOINT)
+def load_model(checkpoint: str | None, *, untrained_variant: str | None = None) -> ModelSource:
+    """The checkpoint at `checkpoint`; else, with `untrained_variant`, that variant untrained (its
+    last layer is 0, so its output is exactly bilinear upscaling); else the shipped default weights,
+    or the untrained full network where they are missing (a checkout without model/weights/)."""
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint)
         return ModelSource(ckpt.model, ckpt.sha256, f"checkpoint {checkpoint}")
-    model = DenseIsoViT(variant(untrained_variant))
+    if untrained_variant is None and DEFAULT_CHECKPOINT.exists():
+        ckpt = load_checkpoint(str(DEFAULT_CHECKPOINT))
+        name = variant_name(ckpt.config)
+        return ModelSource(ckpt.model, ckpt.sha256, f"default weights ({name!r} variant, {DEFAULT_CHECKPOINT.name})")
+    name = untrained_variant or "full"
+    why = "as asked" if untrained_variant else f"{DEFAULT_CHECKPOINT} is missing"
     return ModelSource(
-        model,
-        f"untrained:{untrained_variant}",
-        f"untrained {untrained_variant!r} network (no default weights shipped yet: output equals bilinear x4)",
+        DenseIsoViT(variant(name)),
+        f"untrained:{name}",
+        f"untrained {name!r} network ({why}: output equals bilinear x4)",
     )

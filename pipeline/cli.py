@@ -3,16 +3,22 @@
   isosr upscale SRC DST [--address ADDR] [--checkpoint URI] [--min-workers N] [--max-workers N]
                         [--gpus-per-worker G] [--batch-size N] [--halo N] [--format F]
                         [--skip-existing | --overwrite] [--spot-check-rate R] [--max-pixels N]
+  isosr submit SRC DST --address http://HEAD:8265 [--wait] [--submission-id ID] [--env NAME]
+                       [the upscale options but --address]
   isosr info [--checkpoint URI | --variant NAME]
   isosr demo [--out DIR]
+  isosr nightly SRC DST [--retry-failed] [--lease-ttl SECONDS] [the upscale options but
+                        --skip-existing/--overwrite]
 
-Exit status: 0 when every input succeeded, 3 when some failed (listed), 2 on a usage error.
+Exit status: 0 when every input succeeded, 3 when some failed (listed), 2 on a usage error;
+isosr nightly: 4 when another nightly run holds DST's lease (nothing was done) or this run lost it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -47,7 +53,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
+def _add_run_options(parser: argparse.ArgumentParser, *, ray_address: bool = True) -> None:
     _add_model_options(parser)
     parser.add_argument(
         "--halo",
@@ -56,7 +62,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help=f"overlap in input pixels on each side of a tile, below half the tile (default {DEFAULT_HALO})",
     )
     parser.add_argument(
-        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help=f"tiles per forward pass (default {DEFAULT_BATCH_SIZE})"
+        "--batch-size",
+        type=_positive,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"tiles per forward pass (default {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument(
         "--format",
@@ -66,21 +75,37 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="output format (default: the input's; GIF becomes PNG)",
     )
     parser.add_argument(
-        "--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, help=f"refuse inputs with more pixels (default {DEFAULT_MAX_PIXELS:.0e})"
+        "--max-pixels",
+        type=_positive,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse inputs with more pixels (default {DEFAULT_MAX_PIXELS:.0e})",
     )
-    parser.add_argument("--address", help="an existing Ray cluster (e.g. auto, or ray://HEAD:10001); default: start a local one")
+    if ray_address:
+        parser.add_argument(
+            "--address", help="an existing Ray cluster (e.g. auto, or ray://HEAD:10001); default: start a local one"
+        )
     parser.add_argument(
         "--min-workers", type=_positive, help="model actors kept up (default: 1 with GPUs; CPU-only: --max-workers)"
     )
     parser.add_argument(
-        "--max-workers", type=_positive, help="model actors at most (default: one per GPU; CPU-only: one per CPU)"
+        "--max-workers",
+        type=_positive,
+        help="model actors at most (default: one per GPU up now, and required with --gpus-per-worker while no GPU "
+        "is up, e.g. on an autoscaling cluster; CPU-only: one per CPU)",
     )
     parser.add_argument(
-        "--gpus-per-worker", type=float, help="GPUs each model actor reserves (default: 1 if the cluster has GPUs, else 0)"
+        "--gpus-per-worker",
+        type=float,
+        help="GPUs each model actor reserves (default: 1 if the cluster has GPUs now, else 0). Given, it asks for GPU "
+        "actors even before any GPU node is up, so that an autoscaling cluster adds them",
     )
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument(
-        "--skip-existing", dest="skip_existing", action="store_true", default=True, help="leave outputs that exist (default)"
+        "--skip-existing",
+        dest="skip_existing",
+        action="store_true",
+        default=True,
+        help="leave outputs that exist (default)",
     )
     existing.add_argument("--overwrite", dest="skip_existing", action="store_false", help="redo outputs that exist")
     parser.add_argument(
@@ -103,39 +128,88 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     upscale = commands.add_parser("upscale", help="upscale an image file or a folder of images")
-    upscale.add_argument("src", help="an image file, or a folder or prefix searched recursively: a path or URI (s3://...)")
+    upscale.add_argument(
+        "src", help="an image file, or a folder or prefix searched recursively: a path or URI (s3://...)"
+    )
     upscale.add_argument("dst", help="output folder or prefix; relative paths are mirrored")
     _add_run_options(upscale)
+
+    submit = commands.add_parser("submit", help="run an upscale job on a Ray cluster through its job server")
+    submit.add_argument(
+        "src", help="input file, folder or prefix as the cluster sees it (s3://... for a remote cluster)"
+    )
+    submit.add_argument("dst", help="output folder or prefix as the cluster sees it")
+    submit.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+        help="the head's job server, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)",
+    )
+    submit.add_argument("--wait", action="store_true", help="follow the job's logs and exit with its exit status")
+    submit.add_argument("--submission-id", help="run under this id (default: derived from SRC, DST and the options)")
+    submit.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pass this environment variable to the job (e.g. AWS_ENDPOINT_URL; prefer instance roles for credentials)",
+    )
+    _add_run_options(submit, ray_address=False)
 
     info = commands.add_parser("info", help="describe the model: variant, parameters, checkpoint digest")
     _add_model_options(info)
     info.add_argument("--variant", help="describe an untrained named variant instead of a checkpoint")
 
     demo = commands.add_parser("demo", help="upscale scikit-image's sample photos into a local folder")
-    demo.add_argument("--out", type=Path, default=Path("isosr-demo"), help="folder for input/ and output/ (default ./isosr-demo)")
+    demo.add_argument(
+        "--out", type=Path, default=Path("isosr-demo"), help="folder for input/ and output/ (default ./isosr-demo)"
+    )
     _add_run_options(demo)
+
+    nightly = commands.add_parser(
+        "nightly", help="upscale only what is new or changed since the last run (for a schedule; one run at a time)"
+    )
+    nightly.add_argument("src", help="folder or prefix searched recursively: a path or URI (s3://...)")
+    nightly.add_argument("dst", help="output folder or prefix (local or s3://): outputs, and the state in DST/_isosr/")
+    nightly.add_argument(
+        "--retry-failed", action="store_true", help="retry inputs that failed before even though they have not changed"
+    )
+    nightly.add_argument(
+        "--lease-ttl",
+        type=_positive,
+        metavar="SECONDS",
+        help="how long the run's lease on DST lasts unless renewed (it is renewed every quarter of this); the "
+        "longest a run that died blocks the next (default: pipeline.nightly.DEFAULT_LEASE_TTL_S, 300)",
+    )
+    _add_run_options(nightly)
+    # The state decides what is processed, and a changed input's output is replaced: these do not apply.
+    nightly.set_defaults(skip_existing=None)
+    for action in nightly._actions:
+        if action.dest == "skip_existing":
+            action.help = "not for nightly (refused): its state decides what is processed"
     return parser
 
 
 def _load(args: argparse.Namespace, *, variant_name: str | None = None):
     from model.inference import TileUpscaler, load_model
 
-    source = load_model(args.checkpoint, untrained_variant=variant_name or "full")
+    source = load_model(args.checkpoint, untrained_variant=variant_name)
     return source, TileUpscaler(source.model, device=args.device, dtype=args.precision)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from model.config import VARIANTS
+    from model.config import variant_name
     from model.network import parameter_count
 
     source, runner = _load(args, variant_name=args.variant)
     config = source.model.config
-    name = next((n for n, c in VARIANTS.items() if c == config), "custom")
+    name = variant_name(config)
     params = parameter_count(source.model)
     print(f"model      Dense-Iso-ViT, variant {name}")
     print(f"parameters {params:,} ({params / 1e6:.2f} M)")
-    print(f"scale      x{config.scale}, {config.tile_size}x{config.tile_size} tiles -> "
-          f"{config.tile_size * config.scale}x{config.tile_size * config.scale}")
+    print(
+        f"scale      x{config.scale}, {config.tile_size}x{config.tile_size} tiles -> "
+        f"{config.tile_size * config.scale}x{config.tile_size * config.scale}"
+    )
     print(f"weights    {source.description}")
     print(f"version    {source.version}")
     print(f"device     {runner.device} ({runner.dtype})")
@@ -177,6 +251,57 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return _run(args, args.src, args.dst)
 
 
+def _upscale_args(args: argparse.Namespace, checkpoint: str | None) -> list[str]:
+    """The upscale options of `args` as the job's command line (options left unset are omitted)."""
+    values = {
+        "--checkpoint": checkpoint,
+        "--device": args.device,
+        "--precision": args.precision,
+        "--halo": args.halo,
+        "--batch-size": args.batch_size,
+        "--format": args.output_format,
+        "--max-pixels": args.max_pixels,
+        "--min-workers": args.min_workers,
+        "--max-workers": args.max_workers,
+        "--gpus-per-worker": args.gpus_per_worker,
+        "--spot-check-rate": args.spot_check_rate,
+    }
+    out = [token for flag, value in values.items() if value is not None for token in (flag, str(value))]
+    return [*out, "--skip-existing" if args.skip_existing else "--overwrite"]
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline import submit
+
+    if not args.address:
+        print(
+            "isosr: submit needs the job server: --address http://HEAD:8265 (or $RAY_API_SERVER_ADDRESS)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        upscale_args = _upscale_args(args, submit.cluster_path(args.checkpoint))
+        client, job = submit.submit(
+            args.address,
+            args.src,
+            args.dst,
+            upscale_args,
+            sub_id=args.submission_id,
+            env_vars=submit.forwarded_env(args.env),
+        )
+    except submit.SubmitError as e:
+        print(f"isosr: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if job.existed:
+        print(f"job {job.submission_id} was already submitted; not starting it again (pass --submission-id to rerun)")
+    else:
+        print(f"submitted job {job.submission_id}: {job.entrypoint}")
+    if not args.wait:
+        print(f"follow it with: ray job logs --follow --address {args.address} {job.submission_id}")
+        return EXIT_OK
+    return submit.follow(client, job.submission_id)
+
+
 def write_demo_inputs(folder: Path) -> list[Path]:
     """Save scikit-image's bundled sample photos (no download) as PNG files in `folder`."""
     import skimage.data
@@ -200,13 +325,82 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_nightly(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from pipeline.lease import LeaseHeld, LeaseLost
+    from pipeline.nightly import DEFAULT_LEASE_TTL_S, EXIT_LEASE, NightlyOptions, nightly
+    from pipeline.run import RunOptions, UsageError, summary_lines
+
+    if args.skip_existing is not None:
+        print(
+            "isosr nightly: --skip-existing and --overwrite do not apply: a nightly run processes exactly the inputs "
+            "that are new or changed since they were last processed and replaces their outputs; to redo everything, "
+            "run isosr upscale --overwrite",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    options = NightlyOptions(
+        run=RunOptions(
+            src=args.src,
+            dst=args.dst,
+            checkpoint=args.checkpoint,
+            address=args.address,
+            min_workers=args.min_workers,
+            max_workers=args.max_workers,
+            gpus_per_worker=args.gpus_per_worker,
+            batch_size=args.batch_size,
+            halo=args.halo,
+            output_format=args.output_format,
+            spot_check_rate=args.spot_check_rate,
+            max_pixels=args.max_pixels,
+            device=args.device,
+            precision=args.precision,
+        ),
+        retry_failed=args.retry_failed,
+        lease_ttl_s=args.lease_ttl or DEFAULT_LEASE_TTL_S,
+    )
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        # systemd and Kubernetes stop with SIGTERM: unwind, so that the lease is released at once.
+        on_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        outcome = nightly(options)
+    except (FileNotFoundError, UsageError) as e:
+        print(f"isosr nightly: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (LeaseHeld, LeaseLost) as e:
+        print(f"isosr nightly: {e}", file=sys.stderr)
+        return EXIT_LEASE
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, on_term)
+    for line in summary_lines(outcome.result):
+        print(line)
+    counts = outcome.notes["counts"]
+    print(
+        f"nightly: new {counts['new']}, changed {counts['changed']}, model changed {counts['model_changed']}, "
+        f"output changed {counts['output_changed']}, retried {counts['retried']}, unchanged {counts['unchanged']}, "
+        "failed before and unchanged "
+        f"{counts['failed_unchanged']}, gone {counts['gone']}"
+    )
+    return EXIT_SOME_FAILED if outcome.result.failed else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from model.checkpoint import CheckpointError
 
     try:
-        return {"upscale": cmd_upscale, "info": cmd_info, "demo": cmd_demo}[args.command](args)
+        return {
+            "upscale": cmd_upscale,
+            "submit": cmd_submit,
+            "info": cmd_info,
+            "demo": cmd_demo,
+            "nightly": cmd_nightly,
+        }[args.command](args)
     except CheckpointError as e:
         print(f"isosr: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -223,6 +223,8 @@ def render_html(summary: dict, manifest: pa.Table, crops: Sequence[Crop]) -> str
         parts.append(f'<div class="warn" role="alert"><h2>Job flags</h2><ul>{items}</ul></div>')
     else:
         parts.append('<div class="good">No job flags.</div>')
+    if "nightly" in summary:  # the counts isosr nightly adds (pipeline.nightly)
+        parts.append(_nightly_section(summary["nightly"]))
 
     ok = np.array(manifest.column("status").to_pylist(), dtype=object) == OK
     consistency = _floats(manifest, "consistency_psnr")[ok]
@@ -270,6 +272,31 @@ def render_html(summary: dict, manifest: pa.Table, crops: Sequence[Crop]) -> str
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _nightly_section(nightly: dict) -> str:
+    """What an incremental run processed and why, what it left alone, and what it resumed."""
+    e, c = _esc, nightly["counts"]
+    rows = [
+        ("new", c["new"]), ("changed", c["changed"]), ("model changed", c["model_changed"]),
+        ("output changed (e.g. --format)", c["output_changed"]),
+        ("failed before, retried", c["retried"]), ("unchanged", c["unchanged"]),
+        ("failed before and unchanged (not retried)", c["failed_unchanged"]), ("gone from SRC", c["gone"]),
+    ]  # fmt: skip
+    out = ["<h2>Nightly run</h2><table>", *(_row(label, n) for label, n in rows), "</table>"]
+    for r in nightly["recovered"]:
+        out.append(
+            f"<p>Resumed the interrupted run <code>{e(r['run_id'])}</code>: {r['done']} of its {r['planned']} planned "
+            f"inputs were done ({r['from_records']} recorded, {r['from_outputs']} found written after its plan); "
+            "the others were processed again.</p>"
+        )
+    if nightly["took_over"]:
+        t = nightly["took_over"]
+        out.append(
+            f"<p>Took over the expired lease of run <code>{e(t['run_id'])}</code> (pid {e(t['pid'])} on host "
+            f"{e(t['host'])}, expired {e(t['expires'])}).</p>"
+        )
+    return "".join(out)
 
 
 def _esc(value: object) -> str:

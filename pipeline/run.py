@@ -10,12 +10,13 @@ still being read, and memory is bounded by the pipeline's depth, not the dataset
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,6 +30,9 @@ from pipeline.manifest import FAILED, OK, SKIPPED, table
 from pipeline.report import Crop, Thresholds, render_html, summarize
 from pipeline.sink import Assembler, ImageSink, RunPaths
 from pipeline.stages import TileWorker, decode_stage, finish_stage
+
+if TYPE_CHECKING:
+    from model.inference import ModelSource
 
 MAX_REPORT_CROPS = 12
 FINISH_CPUS = 0.5  # quality checks + encoding (and the writes fused with them), per task
@@ -45,8 +49,8 @@ class RunOptions:
     checkpoint: str | None = None
     address: str | None = None  # an existing Ray cluster; None starts (and stops) a local one
     min_workers: int | None = None  # default: 1 with GPUs; on a CPU-only cluster, max_workers
-    max_workers: int | None = None  # default: one per GPU; on a CPU-only cluster, one per CPU
-    gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    max_workers: int | None = None  # default: one per GPU up now; on a CPU-only cluster, one per CPU
+    gpus_per_worker: float | None = None  # default: 1 when GPUs are up now, else 0; see place()
     batch_size: int = DEFAULT_BATCH_SIZE  # tiles per forward pass
     halo: int = DEFAULT_HALO
     output_format: str | None = None
@@ -69,21 +73,61 @@ class Placement:
     workers: tuple[int, int]  # (min, max) actors
 
 
-def place(options: RunOptions, resources: dict[str, float]) -> Placement:
-    """GPU clusters: one actor per GPU holding a CPU. CPU-only: one single-threaded actor per CPU,
-    each accounted as half a CPU so that decoding and encoding tasks keep room beside them (two
-    single-threaded processes do ~20 % more than one two-threaded one on the 2-core machine: torch's
-    threads scale poorly at this size; RESULTS.md). Raises UsageError for actors that would leave
-    no CPU for the other stages."""
-    gpus_available, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
-    gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if gpus_available else 0.0)
+def place(options: RunOptions, resources: dict[str, float], *, fixed: bool = False) -> Placement:
+    """Where the model actors go, given the cluster's resources now. `fixed`: the cluster cannot add
+    nodes (the local Ray that run() starts itself).
+
+    GPU actors, each holding one CPU beside its GPUs, when --gpus-per-worker is above 0 or, left out,
+    when the cluster has GPUs now. An explicit --gpus-per-worker asks for GPU actors even while no GPU
+    is up: on an autoscaling cluster whose GPU workers start from zero (cluster.yaml), the waiting
+    actors are what makes the autoscaler add GPU nodes. --max-workers bounds them; without it, one
+    actor per GPU up now, and with no GPU up nothing says how far the cluster may grow, so it is
+    then required. --min-workers defaults to 1 (a Ray Data actor pool keeps at least one).
+
+    CPU-only: one single-threaded actor per CPU, each accounted as half a CPU so that decoding and
+    encoding tasks keep room beside them (two single-threaded processes do ~20 % more than one
+    two-threaded one on the 2-core machine: torch's threads scale poorly at this size; RESULTS.md).
+
+    Raises UsageError, naming the option to change, for GPU actors with no way to get a GPU, model
+    actors that would leave no CPU for the other stages, and inconsistent worker counts."""
+    gpus_up, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    if options.gpus_per_worker is not None and options.gpus_per_worker < 0:
+        raise UsageError(f"--gpus-per-worker must be 0 or more, got {options.gpus_per_worker:g}")
+    if options.min_workers and options.max_workers and options.min_workers > options.max_workers:
+        raise UsageError(
+            f"--min-workers {options.min_workers} is above --max-workers {options.max_workers}; lower one or raise the other"
+        )
+    gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if gpus_up else 0.0)
     if gpus:
-        top = options.max_workers or max(1, int(gpus_available // gpus))
+        fit_now = int(gpus_up // gpus)  # actors the GPUs up now can hold
+        if not fit_now and fixed:
+            raise UsageError(
+                f"--gpus-per-worker {gpus:g} asks for GPU actors, but the local Ray that isosr starts has {gpus_up:g} "
+                "GPUs (the CUDA devices torch sees here) and cannot add any: leave out --gpus-per-worker to run on "
+                "the CPUs, or pass --address of a cluster that has or can add GPU workers"
+            )
+        if not options.max_workers and not fit_now:
+            raise UsageError(
+                f"--gpus-per-worker {gpus:g} asks for GPU actors, but the cluster has {gpus_up:g} GPUs up now, so "
+                "nothing says how far it may grow: pass --max-workers N too, the most GPU actors to run (on an "
+                "autoscaling cluster, as many as its GPU workers can hold: 8 with cluster.yaml)"
+            )
+        top = options.max_workers or fit_now
         placement = Placement(gpus, 1.0, None, (min(options.min_workers or 1, top), top))
+        # The CPU of an actor still waiting for its GPU node comes with that node: only actors that
+        # the GPUs up now can hold must find their CPUs in the cluster as it is.
+        needs_room_now = placement.workers[0] <= fit_now
     else:
+        if not cpus:
+            raise UsageError(
+                "the cluster has no CPU and no GPU up now, so the model has nowhere to run: on an autoscaling "
+                "cluster whose workers start from zero (cluster.yaml), pass --gpus-per-worker 1 --max-workers N "
+                "so that GPU actors are asked for and GPU nodes added"
+            )
         top = options.max_workers or max(1, int(cpus))
         placement = Placement(0.0, 0.5, 1, (min(options.min_workers or top, top), top))
-    if placement.workers[0] * placement.cpus + 0.5 > cpus:
+        needs_room_now = True
+    if needs_room_now and placement.workers[0] * placement.cpus + 0.5 > cpus:
         raise UsageError(
             f"{placement.workers[0]} model actors would hold all {cpus:g} CPUs of the cluster, leaving none for "
             "decoding and encoding; lower --min-workers"
@@ -107,16 +151,31 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def plan_inputs(options: RunOptions, run_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def plan_inputs(
+    options: RunOptions,
+    run_id: str,
+    *,
+    inputs: list[storage.InputFile] | None = None,
+    only: set[str] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(rows to process, manifest rows settled without processing: skipped, or failed because another
-    input already claims the same output) for every image under SRC."""
-    inputs = storage.list_inputs(options.src, exclude=[options.dst])
+    input already claims the same output) for every image under SRC.
+
+    `inputs`: SRC's listing, when the caller has it (default: list SRC). `only`: plan just these keys
+    (isosr nightly: the new and changed ones); the outputs of the other inputs still count as claimed,
+    first, so that a new input never takes over the output of one processed before."""
+    if inputs is None:
+        inputs = storage.list_inputs(options.src, exclude=[options.dst])
     existing = storage.list_files(options.dst) if options.skip_existing else set()
     todo, settled = [], []
     claimed: dict[str, str] = {}  # output path -> the key that writes it
+    if only is not None:
+        for f in inputs:
+            if f.key not in only:
+                claimed.setdefault(storage.filesystem(output_of(options, f.key)[1])[1], f.key)
+        inputs = [f for f in inputs if f.key in only]
     for f in inputs:
-        fmt = output_format(f.key, options.output_format)
-        out = storage.join(options.dst, storage.with_suffix(f.key, output_suffix(f.key, fmt)))
+        fmt, out = output_of(options, f.key)
         row = {
             "source": f.uri,
             "key": f.key,
@@ -141,6 +200,12 @@ def plan_inputs(options: RunOptions, run_id: str) -> tuple[list[dict[str, Any]],
     # while another finishes a big image at the end of the run.
     todo.sort(key=lambda r: -r["size_bytes"])
     return todo, settled
+
+
+def output_of(options: RunOptions, key: str) -> tuple[str, str]:
+    """(output format, output URI) of the input at `key`."""
+    fmt = output_format(key, options.output_format)
+    return fmt, storage.join(options.dst, storage.with_suffix(key, output_suffix(key, fmt)))
 
 
 def build_dataset(rows: list[dict[str, Any]], options: RunOptions, *, tile: int, scale: int, placement: Placement):
@@ -174,14 +239,21 @@ def build_dataset(rows: list[dict[str, Any]], options: RunOptions, *, tile: int,
     return ds.map_batches(finish_stage, batch_size=1, batch_format="pyarrow", num_cpus=FINISH_CPUS, fn_kwargs={"scale": scale})
 
 
+def _cluster_address(options: RunOptions) -> str | None:
+    """The cluster to run on; None: a local Ray. RAY_ADDRESS is set for Ray jobs: run on their cluster."""
+    return options.address or os.environ.get("RAY_ADDRESS")
+
+
 def _ray_init(options: RunOptions) -> bool:
-    """Connect to the cluster (or start a local one); True when this run started Ray itself."""
+    """Connect to the cluster (or start a local one); True when this call did either, so that the run
+    disconnects (or stops its local Ray) at the end."""
     if ray.is_initialized():
         return False
     # Credentials are never forwarded: a local Ray's workers inherit this environment, and a
     # cluster's workers use their own (instance roles), so no secret lands in a runtime env.
-    if options.address:
-        ray.init(address=options.address, logging_level="WARNING")
+    address = _cluster_address(options)
+    if address:
+        ray.init(address=address, logging_level="WARNING")
     else:
         import torch
 
@@ -193,29 +265,56 @@ def run(options: RunOptions, *, log: TextIO | None = None) -> RunResult:
     """Upscale everything under options.src into options.dst. Raises FileNotFoundError for a
     missing SRC, CheckpointError for an unusable checkpoint and UsageError for bad options, before
     any work starts."""
+    log = log or sys.stderr
+    started = time.perf_counter()
+    source = prepare(options)
+    run_id = new_run_id()
+    todo, settled = plan_inputs(options, run_id)
+    print(f"isosr: run {run_id}: {len(todo)} inputs to upscale, {len(settled)} settled before starting (outputs exist, or clash)", file=log)
+    return execute(options, source=source, run_id=run_id, todo=todo, settled=settled, started=started, log=log)
+
+
+def prepare(options: RunOptions) -> ModelSource:
+    """The model, loaded in the driver so that a bad checkpoint fails before any work, and the options
+    checked against it. Raises CheckpointError and UsageError."""
     from model.inference import load_model
     from model.tiling import check_halo
 
-    log = log or sys.stderr
-    started = time.perf_counter()
-    source = load_model(options.checkpoint)  # fail fast, in the driver, on a bad checkpoint
-    config = source.model.config
+    source = load_model(options.checkpoint)
     try:
-        check_halo(options.halo, config.tile_size)
+        check_halo(options.halo, source.model.config.tile_size)
     except ValueError as e:
         raise UsageError(f"--halo: {e}") from None
     if storage.same_place(options.src, options.dst):
         raise UsageError(f"SRC and DST are the same place ({options.src}); write the outputs somewhere else")
-    run_id = new_run_id()
+    return source
+
+
+def execute(
+    options: RunOptions,
+    *,
+    source: ModelSource,
+    run_id: str,
+    todo: list[dict[str, Any]],
+    settled: list[dict[str, Any]],
+    started: float,
+    log: TextIO,
+    notes: dict[str, Any] | None = None,
+) -> RunResult:
+    """Upscale the planned rows `todo` (as plan_inputs makes them), put them and the `settled` rows in
+    the manifest, and write the run's files; `notes` are added to report.json (isosr nightly's
+    counts). Ray is started, when run() must start it, only if `todo` is not empty."""
+    config = source.model.config
     paths = RunPaths(dst=options.dst, run_id=run_id)
-    todo, settled = plan_inputs(options, run_id)
-    print(f"isosr: run {run_id}: {len(todo)} inputs to upscale, {len(settled)} settled before starting (outputs exist, or clash)", file=log)
     print(f"isosr: {source.description}, version {source.version}", file=log)
     rows: list[dict[str, Any]] = []
     started_ray = _ray_init(options) if todo else False
+    assembler = None
     try:
         if todo:
-            placement = place(options, ray.cluster_resources())
+            # Only a local Ray that this run started itself is known not to grow.
+            fixed = started_ray and not _cluster_address(options)
+            placement = place(options, ray.cluster_resources(), fixed=fixed)
             assembler = Assembler.remote(paths=paths, thresholds=options.thresholds)
             sink = ImageSink(paths=paths, thresholds=options.thresholds, assembler=assembler)
             ds = build_dataset(todo, options, tile=config.tile_size, scale=config.scale, placement=placement)
@@ -224,6 +323,10 @@ def run(options: RunOptions, *, log: TextIO | None = None) -> RunResult:
             ds.write_datasink(sink, ray_remote_args={"num_cpus": FINISH_CPUS})
             rows = sink.rows + ray.get(assembler.results.remote())
     finally:
+        # Nothing of the run outlives it: on a cluster that stays up, an actor left behind would keep
+        # its node from going idle and being given back. (Ray Data ends its model actors itself.)
+        if assembler is not None:
+            ray.kill(assembler)
         if started_ray:
             ray.shutdown()
     for row in settled:
@@ -232,6 +335,7 @@ def run(options: RunOptions, *, log: TextIO | None = None) -> RunResult:
     manifest = manifest.sort_by("key")
     seconds = time.perf_counter() - started
     summary = summarize(manifest, run_id=run_id, seconds=seconds, thresholds=options.thresholds)
+    summary.update(notes or {})
     write_run_files(paths, manifest, summary)
     return RunResult(run_id, manifest, summary, paths.run_dir)
 

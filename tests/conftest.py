@@ -15,6 +15,21 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 
 
+ALONE_REASON = (
+    "autoscaling tests end every Ray process on this machine (`ray stop --force`), so they run only in a "
+    "pytest process that runs nothing else: `pytest -m autoscaling` (make test runs it after the other tests)"
+)
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected what it deselects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the autoscaling tests, with the reason, wherever they would share a process with others."""
+    autoscaling = [item for item in items if item.get_closest_marker("autoscaling")]
+    if autoscaling and len(autoscaling) < len(items):
+        for item in autoscaling:
+            item.add_marker(pytest.mark.skip(reason=ALONE_REASON))
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tiny variant saved as a checkpoint, with a random last layer so that its output differs

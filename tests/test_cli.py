@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import subprocess
 import sys
@@ -153,10 +154,21 @@ def test_usage_errors_exit_2_with_a_message(
 def test_info_reports_the_full_models_parameter_count() -> None:
     script = Path(sys.executable).with_name("isosr")  # the installed console script
     assert script.exists(), f"{script} is missing: install the package (pip install -e .)"
-    out = subprocess.run([str(script), "info"], capture_output=True, text=True, check=True, timeout=120).stdout
-    millions = float(re.search(r"parameters [\d,]+ \(([\d.]+) M\)", out).group(1))
+    run = subprocess.run([str(script), "info", "--variant", "full"], capture_output=True, text=True, check=True, timeout=120)
+    millions = float(re.search(r"parameters [\d,]+ \(([\d.]+) M\)", run.stdout).group(1))
     assert abs(millions - 23.8) / 23.8 <= 0.01
-    assert "variant full" in out
+    assert "variant full" in run.stdout
+    assert "untrained 'full' network (as asked" in run.stdout
+
+
+def test_info_describes_the_shipped_default_weights() -> None:
+    from model.checkpoint import DEFAULT_CHECKPOINT
+
+    script = Path(sys.executable).with_name("isosr")
+    out = subprocess.run([str(script), "info"], capture_output=True, text=True, check=True, timeout=120).stdout
+    assert "variant small" in out
+    assert "default weights ('small' variant, default.safetensors)" in out
+    assert re.search(rf"version\s+{hashlib.sha256(DEFAULT_CHECKPOINT.read_bytes()).hexdigest()}$", out, re.MULTILINE)
 
 
 def test_info_names_the_checkpoint_digest(tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -194,3 +206,30 @@ def test_encode_never_writes_alpha_into_jpeg() -> None:
     data = encode(rgba, "JPEG")
     assert decode(data).pixels.shape == (8, 8, 3)
     assert Image.open(io.BytesIO(data)).format == "JPEG"
+
+
+@pytest.mark.cluster
+def test_gpu_actors_on_a_local_ray_without_gpus_exit_2_instead_of_waiting(tmp_path: Path, tiny_checkpoint: str) -> None:
+    """`--gpus-per-worker 1` where isosr starts its own Ray and torch sees no GPU: that Ray cannot add
+    one, so the actors would wait for ever (Ray Data gives up after 30 min). In a subprocess, so that
+    it starts its own Ray rather than reusing the session's `ray_local`, which has a logical GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, so the run would start")
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(photo(40, 50)).save(src / "a.png")
+    argv = ["upscale", str(src), str(tmp_path / "out"), "--checkpoint", tiny_checkpoint]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *argv, "--gpus-per-worker", "1", "--max-workers", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == EXIT_USAGE, done.stderr[-3000:]
+    assert "leave out --gpus-per-worker to run on the CPUs" in done.stderr, done.stderr[-3000:]
+    assert not list((tmp_path / "out").glob("*.png"))
