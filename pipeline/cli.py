@@ -217,26 +217,33 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run(args: argparse.Namespace, src: str, dst: str) -> int:
-    from pipeline.run import RunOptions, UsageError, run, summary_lines
+def _run_options(args: argparse.Namespace, src: str, dst: str, **overrides: object):
+    """RunOptions from the run options of `args` (_add_run_options)."""
+    from pipeline.run import RunOptions
 
-    options = RunOptions(
-        src=src,
-        dst=dst,
-        checkpoint=args.checkpoint,
-        address=args.address,
-        min_workers=args.min_workers,
-        max_workers=args.max_workers,
-        gpus_per_worker=args.gpus_per_worker,
-        batch_size=args.batch_size,
-        halo=args.halo,
-        output_format=args.output_format,
-        skip_existing=args.skip_existing,
-        spot_check_rate=args.spot_check_rate,
-        max_pixels=args.max_pixels,
-        device=args.device,
-        precision=args.precision,
-    )
+    values = {
+        "src": src,
+        "dst": dst,
+        "checkpoint": args.checkpoint,
+        "address": args.address,
+        "min_workers": args.min_workers,
+        "max_workers": args.max_workers,
+        "gpus_per_worker": args.gpus_per_worker,
+        "batch_size": args.batch_size,
+        "halo": args.halo,
+        "output_format": args.output_format,
+        "spot_check_rate": args.spot_check_rate,
+        "max_pixels": args.max_pixels,
+        "device": args.device,
+        "precision": args.precision,
+    }
+    return RunOptions(**(values | overrides))
+
+
+def _run(args: argparse.Namespace, src: str, dst: str) -> int:
+    from pipeline.run import UsageError, run, summary_lines
+
+    options = _run_options(args, src, dst, skip_existing=args.skip_existing)
     try:
         result = run(options)
     except (FileNotFoundError, UsageError) as e:
@@ -331,7 +338,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
     from pipeline.lease import LeaseHeld, LeaseLost
     from pipeline.nightly import DEFAULT_LEASE_TTL_S, EXIT_LEASE, NightlyOptions, nightly
-    from pipeline.run import RunOptions, UsageError, summary_lines
+    from pipeline.run import UsageError, summary_lines
 
     if args.skip_existing is not None:
         print(
@@ -342,22 +349,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     options = NightlyOptions(
-        run=RunOptions(
-            src=args.src,
-            dst=args.dst,
-            checkpoint=args.checkpoint,
-            address=args.address,
-            min_workers=args.min_workers,
-            max_workers=args.max_workers,
-            gpus_per_worker=args.gpus_per_worker,
-            batch_size=args.batch_size,
-            halo=args.halo,
-            output_format=args.output_format,
-            spot_check_rate=args.spot_check_rate,
-            max_pixels=args.max_pixels,
-            device=args.device,
-            precision=args.precision,
-        ),
+        run=_run_options(args, args.src, args.dst),
         retry_failed=args.retry_failed,
         lease_ttl_s=args.lease_ttl or DEFAULT_LEASE_TTL_S,
     )

@@ -364,7 +364,7 @@ def recover(dst: str, state: State) -> list[dict[str, Any]]:
                 if modified is not None and modified > plan_time:
                     done[p["key"]] = _record(p, status=OK, error=None, run_id=run_id, recovered="output")
             _remove_local_temporaries(dst, outputs, since=plan_time)
-        _remove(f"{paths.run_dir}/staging")
+        storage.remove(f"{paths.run_dir}/staging")
         for key, rec in done.items():
             held = state.records.get(key)
             if held is None or held["run_id"] <= run_id:
@@ -392,10 +392,10 @@ def commit(dst: str, state: State, run_id: str, manifest: pa.Table, *, keep: set
     uri = f"{state_dir(dst)}/snapshot-{run_id}.parquet"
     _write_table(uri, pa.Table.from_pylist(sorted(records.values(), key=lambda r: r["key"]), schema=STATE_SCHEMA))
     for plan_run, _ in state.plans:
-        _remove(f"{state_dir(dst)}/plan-{plan_run}.parquet")
-    _remove(f"{state_dir(dst)}/plan-{run_id}.parquet")
+        storage.remove(f"{state_dir(dst)}/plan-{plan_run}.parquet")
+    storage.remove(f"{state_dir(dst)}/plan-{run_id}.parquet")
     for old in (state.snapshots + [uri])[:-KEEP_SNAPSHOTS]:
-        _remove(old)
+        storage.remove(old)
     return uri
 
 
@@ -448,7 +448,7 @@ def _remove_local_temporaries(dst: str, files: dict[str, float], *, since: float
         return  # an S3 object appears only once complete; nothing is left half-written
     for path, modified in files.items():
         if modified > since and _LOCAL_TEMPORARY.match(os.path.basename(path)):
-            _remove(path)
+            storage.remove(path)
 
 
 def _modified(info: dict[str, Any]) -> float:
@@ -469,11 +469,3 @@ def _write_table(uri: str, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_atomic(uri, sink.getvalue().to_pybytes())
-
-
-def _remove(uri: str) -> None:
-    fs, path = storage.filesystem(uri)
-    try:
-        fs.rm(path, recursive=True)
-    except FileNotFoundError:
-        pass

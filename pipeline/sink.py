@@ -71,12 +71,16 @@ class _Metrics:
         # Histogram boundaries must be positive, so the gain (often negative for bad weights) is
         # exported as the two PSNRs it is the difference of (mean gain = the sums' difference / count),
         # plus a gauge of the latest gain.
-        self.rt_model = metrics.Histogram("isosr_roundtrip_psnr_model_db", description="round-trip PSNR of the model (Y), dB", boundaries=db)
+        self.rt_model = metrics.Histogram(
+            "isosr_roundtrip_psnr_model_db", description="round-trip PSNR of the model (Y), dB", boundaries=db
+        )
         self.rt_bicubic = metrics.Histogram(
             "isosr_roundtrip_psnr_bicubic_db", description="round-trip PSNR of bicubic (Y), dB", boundaries=db
         )
         self.gain = metrics.Gauge("isosr_roundtrip_gain_db", description="latest round-trip gain over bicubic (Y), dB")
-        self.consistency = metrics.Histogram("isosr_consistency_psnr_db", description="consistency PSNR, dB", boundaries=db)
+        self.consistency = metrics.Histogram(
+            "isosr_consistency_psnr_db", description="consistency PSNR, dB", boundaries=db
+        )
 
     @classmethod
     def get(cls) -> _Metrics:
@@ -229,15 +233,7 @@ def assemble(paths: RunPaths, thresholds: Thresholds, parts: list[dict[str, Any]
             write_s=sum(float(m["write_s"]) for m in parts),
             **{k: first.get(k) for k in RT_SCORES},
         )
-    _remove_folder(paths.staging(first["key"], 0).rsplit("/", 1)[0])
+    storage.remove(paths.staging(first["key"], 0).rsplit("/", 1)[0])
     _Metrics.get().record(row)
     write_rows(paths, [row])
     return row
-
-
-def _remove_folder(uri: str) -> None:
-    fs, path = storage.filesystem(uri)
-    try:
-        fs.rm(path, recursive=True)
-    except FileNotFoundError:
-        pass

@@ -255,6 +255,15 @@ def _inside(key: str, prefix: str) -> bool:
     return prefix == "" or key == prefix or key.startswith(prefix + "/")
 
 
+def remove(uri: str) -> None:
+    """Delete a file or a folder (recursively) if it exists; nothing happens if it does not."""
+    fs, path = filesystem(uri)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
 def _remove_quietly(path: str) -> None:
     try:
         os.unlink(path)
