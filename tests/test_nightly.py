@@ -9,6 +9,7 @@ moto's S3 server, local folders, a local Ray (conftest's `ray_local`, or the job
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -408,11 +409,11 @@ def test_a_run_killed_halfway_is_resumed_with_exactly_the_remainder(
             assert job.poll() is None, f"the job ended before it could be killed:\n{log.read_text()}"
             assert time.monotonic() < deadline, f"no outputs recorded in time:\n{log.read_text()}"
             time.sleep(0.02)
-        os.killpg(job.pid, signal.SIGKILL)
+        _kill_session(job.pid)
         job.wait(timeout=60)
     finally:
         if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+            _kill_session(job.pid)
     [killed_dir] = (dst / "_isosr" / "runs").iterdir()
     killed_run = killed_dir.name
     assert main(["nightly", *args]) == EXIT_LEASE  # the dead run's lease is not expired yet
@@ -455,13 +456,25 @@ def datetime_of(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
+def _session_pids(session: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
+    return [int(pid) for pid, sid in (line.split() for line in out.splitlines()) if int(sid) == session]
+
+
+def _kill_session(session: int) -> None:
+    """SIGKILL every process of the job's session at once, the driver and the Ray it started, as a
+    machine loss or `systemctl kill` of the unit does (killpg alone misses the Ray processes that
+    sit in process groups of their own)."""
+    for pid in _session_pids(session):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _assert_session_gone(session: int) -> None:
     """No process of the killed job's session (its Ray included) outlives it; any left are ours to end."""
     deadline = time.monotonic() + 30
     while True:
-        left = [int(pid) for pid, sid in (line.split() for line in subprocess.run(
-            ["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout.splitlines())
-            if int(sid) == session]  # fmt: skip
+        left = _session_pids(session)
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.5)
