@@ -343,6 +343,7 @@ def train(args: argparse.Namespace) -> int:
         data=args.data,
         val=args.val,
         variant=args.variant,
+        init=args.init,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,

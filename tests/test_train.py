@@ -4,6 +4,7 @@ variant that lower the loss, resume after a SIGKILL, and leave a checkpoint the 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import signal
@@ -124,6 +125,16 @@ def _train_command(data: Path, val: Path, storage: Path, init: str, *extra: str)
     ]  # fmt: skip
 
 
+def _registered(storage: Path) -> bool:
+    """Ray Train has recorded a checkpoint in its snapshot, which is what a rerun resumes from (the
+    checkpoint's folder appears a moment before: a kill in between leaves nothing to resume)."""
+    snapshot = storage / "tiny-test" / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
 def _checkpoints(storage: Path) -> list[Path]:
     return sorted(p.parent for p in (storage / "tiny-test").glob("checkpoint_*/model.safetensors"))
 
@@ -145,7 +156,7 @@ def test_training_lowers_the_loss_resumes_after_sigkill_and_ships_a_checkpoint(
         start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 240
-    while not _checkpoints(storage) and first.poll() is None and time.monotonic() < deadline:
+    while not _registered(storage) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert first.poll() is None, f"run 1 ended before its first checkpoint:\n{first.communicate()[0][-3000:]}"
     assert _checkpoints(storage), "no checkpoint within 240 s"
@@ -167,6 +178,7 @@ def test_training_lowers_the_loss_resumes_after_sigkill_and_ships_a_checkpoint(
     steps_run = [int(s) for s in re.findall(r"step (\d+)/40", log)]
     assert steps_run and min(steps_run) > killed_at and max(steps_run) == 40  # nothing redone, all done
     assert "validation PSNR-Y" in log
+    assert f"fine-tuning {tiny_checkpoint}" in log  # --init reached the recipe the workers train
 
     # Training went on from the checkpoint: the final EMA weights beat the noisy starting point.
     train_photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(data.glob("*.png"))]
