@@ -3,6 +3,7 @@
   isosr upscale SRC DST [--address ADDR] [--checkpoint URI] [--min-workers N] [--max-workers N]
                         [--gpus-per-worker G] [--batch-size N] [--halo N] [--format F]
                         [--skip-existing | --overwrite] [--spot-check-rate R] [--max-pixels N]
+                        [--skip-detail LEVELS] [--compile]
   isosr submit SRC DST --address http://HEAD:8265 [--wait] [--submission-id ID] [--env NAME]
                        [the upscale options but --address]
   isosr info [--checkpoint URI | --variant NAME]
@@ -22,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from model.tiling import DEFAULT_BATCH_SIZE, DEFAULT_HALO
+from model.tiling import DEFAULT_BATCH_SIZE, DEFAULT_HALO, DEFAULT_SKIP_DETAIL
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.quality import DEFAULT_SPOT_CHECK_RATE
 
@@ -34,6 +35,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -64,8 +72,20 @@ def _add_run_options(parser: argparse.ArgumentParser, *, ray_address: bool = Tru
     parser.add_argument(
         "--batch-size",
         type=_positive,
-        default=DEFAULT_BATCH_SIZE,
-        help=f"tiles per forward pass (default {DEFAULT_BATCH_SIZE})",
+        help=f"tiles per forward pass (default: {DEFAULT_BATCH_SIZE} on CPU; on a GPU, as many as 60%% of its free "
+        "memory holds, halved if a batch runs out of memory)",
+    )
+    parser.add_argument(
+        "--skip-detail",
+        type=_non_negative,
+        default=DEFAULT_SKIP_DETAIL,
+        metavar="LEVELS",
+        help="tiles with at most this much detail (mean absolute difference from the 3x3 mean, in 8-bit levels) "
+        f"skip the network and are upscaled bilinearly: flat sky, blank margins (default {DEFAULT_SKIP_DETAIL:g}, "
+        "which lost at most 0.0015 dB on held-out photos; 0: every tile runs the network)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the network in each worker (pays off on long GPU runs)"
     )
     parser.add_argument(
         "--format",
@@ -236,6 +256,8 @@ def _run_options(args: argparse.Namespace, src: str, dst: str, **overrides: obje
         "max_pixels": args.max_pixels,
         "device": args.device,
         "precision": args.precision,
+        "skip_detail": args.skip_detail,
+        "compile": args.compile,
     }
     return RunOptions(**(values | overrides))
 
@@ -272,8 +294,10 @@ def _upscale_args(args: argparse.Namespace, checkpoint: str | None) -> list[str]
         "--max-workers": args.max_workers,
         "--gpus-per-worker": args.gpus_per_worker,
         "--spot-check-rate": args.spot_check_rate,
+        "--skip-detail": args.skip_detail,
     }
     out = [token for flag, value in values.items() if value is not None for token in (flag, str(value))]
+    out += ["--compile"] if args.compile else []
     return [*out, "--skip-existing" if args.skip_existing else "--overwrite"]
 
 

@@ -28,7 +28,8 @@ SCHEMA = pa.schema(
         ("out_width", pa.int32()),
         ("out_height", pa.int32()),
         ("out_bytes", pa.int64()),
-        ("tiles", pa.int32()),  # network tiles run for this input, spot check included
+        ("tiles", pa.int32()),  # network tiles for this input, spot check included
+        ("tiles_skipped", pa.int32()),  # of them, the flat ones that took the skip path alone
         ("consistency_psnr", pa.float64()),  # dB: output downscaled by the degradation vs input (RGB)
         ("spot_check", pa.bool_()),  # in the round-trip sample
         ("rt_psnr_model", pa.float64()),  # dB, RGB: SR(degrade(input)) vs input

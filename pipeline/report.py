@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline.manifest import FAILED, OK, SKIPPED
@@ -55,7 +56,7 @@ def summarize(manifest: pa.Table, *, run_id: str, seconds: float, thresholds: Th
     """report.json's content, JSON-serialisable with allow_nan=False (missing or non-finite figures are None).
 
     Keys: run_id, model_sha256 (sorted distinct digests), seconds, counts {inputs, ok, failed, skipped},
-    megapixels_in/out and output_mp_per_s (ok rows), consistency_psnr {n, n_infinite, min, median, mean},
+    megapixels_in/out and output_mp_per_s (ok rows), tiles {total, skipped}, consistency_psnr {n, n_infinite, min, median, mean},
     round_trip {n, n_infinite, mean_model_y, mean_bicubic_y, mean_gain_db, mean_model_rgb, mean_bicubic_rgb},
     job_flags (sentences), flagged_images [{key, flags, consistency_psnr}] (ok rows with a manifest flag or
     below thresholds.min_consistency_psnr), failed [{key, error}], thresholds.
@@ -128,6 +129,10 @@ def summarize(manifest: pa.Table, *, run_id: str, seconds: float, thresholds: Th
         "megapixels_in": mp_in,
         "megapixels_out": mp_out,
         "output_mp_per_s": mp_out / seconds if seconds > 0 else None,
+        "tiles": {
+            "total": int(pc.sum(manifest.column("tiles")).as_py() or 0),
+            "skipped": int(pc.sum(manifest.column("tiles_skipped")).as_py() or 0),
+        },
         "consistency_psnr": _stats(consistency[ok]),
         "round_trip": round_trip,
         "job_flags": job_flags,
@@ -209,6 +214,7 @@ def render_html(summary: dict, manifest: pa.Table, crops: Sequence[Crop]) -> str
         _row("failed", counts["failed"]),
         _row("skipped", counts["skipped"]),
         _row("megapixels in → out", f"{summary['megapixels_in']:.2f} → {summary['megapixels_out']:.2f}"),
+        _row("network tiles (flat ones skipped)", f"{summary['tiles']['total']:,} ({summary['tiles']['skipped']:,} skipped)"),
         _row("wall time", "–" if summary["seconds"] is None else f"{summary['seconds']:.1f} s"),
         _row("throughput", "–" if rate is None else f"{rate:.2f} output MP/s"),
         _row("consistency PSNR (min / median / mean)", " / ".join(_db(cons[k]) for k in ("min", "median", "mean"))),
@@ -339,8 +345,10 @@ def histogram_svg(values: Sequence[float | None], *, title: str, unit: str, bins
     pw, ph = w - left - right, h - top - bottom
     e = _esc
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="histogram" width="{w}" height="{h}" '
-        f'viewBox="0 0 {w} {h}" role="img" aria-label="{e(title)} histogram">',
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" class="histogram" width="{w}" height="{h}" '
+            f'viewBox="0 0 {w} {h}" role="img" aria-label="{e(title)} histogram">'
+        ),
         f'<text x="{w / 2}" y="16" text-anchor="middle" font-weight="bold">{e(title)}</text>',
     ]
     if finite.size:

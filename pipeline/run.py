@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
 import pyarrow as pa
@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from model.tiling import DEFAULT_BATCH_SIZE, DEFAULT_HALO
+from model.tiling import DEFAULT_HALO, DEFAULT_SKIP_DETAIL
 from pipeline import quality, storage
 from pipeline.images import DEFAULT_MAX_PIXELS, output_format, output_suffix
 from pipeline.manifest import FAILED, OK, SKIPPED, table
@@ -51,7 +51,7 @@ class RunOptions:
     min_workers: int | None = None  # default: 1 with GPUs; on a CPU-only cluster, max_workers
     max_workers: int | None = None  # default: one per GPU up now; on a CPU-only cluster, one per CPU
     gpus_per_worker: float | None = None  # default: 1 when GPUs are up now, else 0; see place()
-    batch_size: int = DEFAULT_BATCH_SIZE  # tiles per forward pass
+    batch_size: int | None = None  # tiles per forward pass; None: 8 on CPU, from free memory on a GPU
     halo: int = DEFAULT_HALO
     output_format: str | None = None
     skip_existing: bool = True
@@ -60,6 +60,8 @@ class RunOptions:
     max_tiles: int = 1024  # an image with more tiles is cut into bands spread over the actors
     device: str | None = None
     precision: str = "auto"
+    skip_detail: float = DEFAULT_SKIP_DETAIL  # tiles with less detail skip the network; 0: none do
+    compile: bool = False  # torch.compile the network in each actor
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
@@ -148,7 +150,7 @@ class RunResult:
 
 
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def plan_inputs(
@@ -234,6 +236,8 @@ def build_dataset(rows: list[dict[str, Any]], options: RunOptions, *, tile: int,
             "precision": options.precision,
             "batch_size": options.batch_size,
             "halo": options.halo,
+            "skip_detail": options.skip_detail,
+            "compile": options.compile,
         },
     )
     return ds.map_batches(finish_stage, batch_size=1, batch_format="pyarrow", num_cpus=FINISH_CPUS, fn_kwargs={"scale": scale})
@@ -364,6 +368,8 @@ def summary_lines(result: RunResult) -> list[str]:
         f"inputs {c['inputs']}, ok {c['ok']}, failed {c['failed']}, skipped {c['skipped']}",
         f"{s['megapixels_in']:.2f} MP in -> {s['megapixels_out']:.2f} MP out in {s['seconds']:.1f} s ({rate:.2f} output MP/s)",
     ]
+    if s["tiles"]["skipped"]:
+        lines.append(f"tiles: {s['tiles']['total']:,}, of them {s['tiles']['skipped']:,} flat ones upscaled without the network")
     cp = s["consistency_psnr"]
     if cp["n"]:
         lines.append(f"consistency PSNR: min {_db(cp['min'])}, median {_db(cp['median'])} over {cp['n']} images")

@@ -227,6 +227,7 @@ def assemble(paths: RunPaths, thresholds: Thresholds, parts: list[dict[str, Any]
             thresholds=thresholds,
             out_bytes=len(data),
             tiles=sum(int(m["tiles"]) for m in parts),
+            tiles_skipped=sum(int(m["tiles_skipped"]) for m in parts),
             consistency_psnr=quality.psnr_from_sse(sse, count),
             model_s=sum(float(m["model_s"]) for m in parts),
             encode_s=sum(float(m["encode_s"]) for m in parts) + time.perf_counter() - started,

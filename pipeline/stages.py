@@ -37,7 +37,7 @@ from pipeline.report import crop_pair
 
 Batch = pa.Table
 _STRING = ("source", "key", "source_version", "output", "out_format", "status", "error", "format", "mode", "model_sha256")
-_INT = ("size_bytes", "width", "height", "piece_index", "piece_count", "tiles", "consistency_n", "out_width", "out_height")
+_INT = ("size_bytes", "width", "height", "piece_index", "piece_count", "tiles", "tiles_skipped", "consistency_n", "out_width", "out_height")
 _FLOAT = ("decode_s", "model_s", "encode_s", "consistency_sse")
 _BINARY = ("icc", "pixels", "rt_lr", "rt_ref", "out_pixels", "rt_sr", "data", "crop_before", "crop_after")
 SCHEMA = pa.schema(
@@ -144,26 +144,36 @@ def _band(values: Any) -> Band:
     return Band((v[0], v[1]), (v[2], v[3]), (v[4], v[5]))
 
 
-MODEL_COLUMNS = DECODE_COLUMNS + ["out_pixels", "rt_sr", "tiles", "model_s", "model_sha256"]
+MODEL_COLUMNS = DECODE_COLUMNS + ["out_pixels", "rt_sr", "tiles", "tiles_skipped", "model_s", "model_sha256"]
 
 
 class TileWorker:
     """The model stage: one network per actor, loaded once; tiles of every piece in the batch (and
-    of the round-trip LR images) share forward batches of `batch_size` tiles."""
+    of the round-trip LR images) share forward batches of `batch_size` tiles (None: the device's
+    own choice, TileUpscaler.batch_size)."""
 
     def __init__(
-        self, *, checkpoint: str | None, device: str | None, precision: str, batch_size: int, halo: int, threads: int | None
+        self,
+        *,
+        checkpoint: str | None,
+        device: str | None,
+        precision: str,
+        batch_size: int | None,
+        halo: int,
+        threads: int | None,
+        skip_detail: float = 0.0,
+        compile: bool = False,
     ) -> None:
         import torch
 
         from model.inference import TileUpscaler, load_model
 
         source = load_model(checkpoint)
-        self.runner = TileUpscaler(source.model, device=device, dtype=precision)
+        self.runner = TileUpscaler(source.model, device=device, dtype=precision, skip_detail=skip_detail, compile=compile)
         if self.runner.device.type == "cpu" and threads:
             torch.set_num_threads(threads)
         self.version = source.version
-        self.batch_size = batch_size
+        self.batch_size = batch_size or self.runner.batch_size()
         self.halo = halo
 
     def __call__(self, batch: Batch) -> Batch:
@@ -171,7 +181,7 @@ class TileWorker:
         work: list[tuple[dict[str, Any], str, Piece]] = []
         tile, scale = self.runner.tile_size, self.runner.scale
         for row in rows:
-            row.update(out_pixels=None, rt_sr=None, tiles=0, model_s=0.0, model_sha256=self.version)
+            row.update(out_pixels=None, rt_sr=None, tiles=0, tiles_skipped=0, model_s=0.0, model_sha256=self.version)
             if row["status"] != OK:
                 continue
             plan = plan_tiles(int(row["height"]), int(row["width"]), tile=tile, halo=self.halo)
@@ -181,14 +191,18 @@ class TileWorker:
                 lr = unpack(row["rt_lr"])
                 work.append((row, "rt_sr", split_image(lr, tile=tile, scale=scale, halo=self.halo)[0]))
         started = time.perf_counter()
+        skipped_before = self.runner.tiles_skipped
         outputs = upscale_pieces((p for _, _, p in work), self.runner, batch_size=self.batch_size)
         for (row, column, piece), output in zip(work, outputs):
             row[column] = pack(output)
             row["tiles"] += _tiles(piece)
         elapsed = time.perf_counter() - started
+        skipped = self.runner.tiles_skipped - skipped_before
         total = sum(r["tiles"] for r in rows) or 1
         for row in rows:
-            row["model_s"] = elapsed * row["tiles"] / total  # the batch's time, shared by tiles
+            share = row["tiles"] / total  # the call's time and skipped tiles, shared by tiles
+            row["model_s"] = elapsed * share
+            row["tiles_skipped"] = round(skipped * share)
         return _batch(rows, MODEL_COLUMNS)
 
 

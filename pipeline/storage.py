@@ -13,7 +13,7 @@ import posixpath
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -226,10 +226,10 @@ def _version(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> 
     if mtime is None:
         mtime = fs.modified(path)
     if isinstance(mtime, datetime):
-        when = mtime if mtime.tzinfo else mtime.replace(tzinfo=timezone.utc)  # fsspec: naive means UTC
+        when = mtime if mtime.tzinfo else mtime.replace(tzinfo=UTC)  # fsspec: naive means UTC
     else:
-        when = datetime.fromtimestamp(float(mtime), tz=timezone.utc)
-    return when.astimezone(timezone.utc).isoformat(timespec="microseconds")
+        when = datetime.fromtimestamp(float(mtime), tz=UTC)
+    return when.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _excluded_prefixes(fs: fsspec.AbstractFileSystem, root: str, exclude: Sequence[str]) -> list[str]:
