@@ -1,50 +1,77 @@
-"""Benchmarks, on the machine this runs on.
+"""Benchmarks of every stage, on the machine this runs on (locally, or as a Ray job: `isosr submit`
+is not needed, `ray job submit -- python jobs/bench.py ...` runs it on a cluster's head).
 
-    python jobs/bench.py model [--variant full] [--batch-sizes 1,4,8,16] [--dtypes float32]
-                               [--seconds 10] [--json PATH]
-    python jobs/bench.py pipeline [--variant full] [--images 5] [--scale-images 4] [--halo 4]
-                                  [--batch-size 8] [--json PATH]
+    python jobs/bench.py [--quick] [--json PATH] [--markdown PATH] [--sections model,codecs,...]
+                         [--variant full] [--images N] [--photos DIR]
 
-`model`: the model-only ceiling — batched forward passes over pre-made 64x64 tiles in one process:
-tiles/s and output MP/s per batch size and dtype, and the model's FLOPs per tile and per output pixel
-(counted by torch.utils.flop_counter, with the cost of each halo). Prints a Markdown table for
-RESULTS.md; `--json` also writes the figures with the machine description and date.
+Sections (all by default):
+  model     the model-only ceiling: forward passes over pre-made tiles in one process, tiles/s and
+            output MP/s by batch size and dtype; FLOPs per tile (torch's FLOP counter) and per output
+            pixel for each halo; on a GPU, the share of its bf16 peak (MFU).
+  codecs    decode and encode throughput per core (one thread) of PNG, JPEG and WebP, on a photo
+            upscaled to an output's size, at the settings isosr writes and the alternatives.
+  halo      halo vs cost vs seams, with the shipped weights on real photos: compute factor, PSNR-Y
+            against the original, and the error next to tile boundaries against elsewhere.
+  skip      content-adaptive skipping: share of tiles skipped, model time and PSNR-Y lost, by
+            --skip-detail level, with the shipped weights on real photos.
+  pipeline  the end-to-end pipeline (`isosr upscale`'s code on a local Ray, every core) on a fixed set
+            of real photos against (a) the model-only ceiling on exactly the same tiles and (b) the
+            naive baseline on the same inputs: one process, tiles one at a time (batch 1), Pillow
+            reading and writing, as Real-ESRGAN's tiler works. Top-level JSON keys
+            `pipeline_vs_ceiling` and `pipeline_vs_naive` are the ratios of output MP/s.
+            Without --quick also the memory runs: peak memory with --scale-images times the photos.
 
-`pipeline`: the end-to-end pipeline (local Ray, every core) on scikit-image's photos against the
-model-only ceiling on exactly the same tiles (same model, halo, batch size and cores, pre-tiled
-tensors in one process); then the same run on `--scale-images` times as many photos, comparing
-peak memory (PSS summed over this process and every Ray process it started, sampled every 0.2 s).
+Speed does not depend on the weights: `model` and `pipeline` use the untrained `--variant` (the full
+model by default); `halo` and `skip` judge quality, so they use the shipped default weights.
+`--quick` runs every section smaller: under 10 minutes on the 2-core development machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
+import itertools
 import json
+import multiprocessing
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.config import variant
 from model.network import DenseIsoViT, parameter_count, pick_device, precision
 
+SECTIONS = ("model", "codecs", "halo", "skip", "pipeline")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")  # the pipeline's inputs
+# Quality sections: astronaut and coffee are held out of training; page (a scanned page), the Hubble
+# deep field (black sky) and the moon are what skipping is for (they were in the training set).
+QUALITY_PHOTOS = ("astronaut", "coffee", "page", "hubble_deep_field", "moon")
+# Dense bf16 tensor-core peaks, TFLOP/s (NVIDIA's data sheets, without sparsity).
+BF16_PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H200": 989.4, "A100": 312.0, "L4": 121.0}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
 
 def machine() -> dict[str, object]:
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     info: dict[str, object] = {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -55,7 +82,19 @@ def machine() -> dict[str, object]:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return info
+
+
+def bf16_peak_tflops(name: str) -> float | None:
+    """The data-sheet dense bf16 peak of the GPU called `name`, when known."""
+    for key, tflops in BF16_PEAK_TFLOPS.items():
+        if all(part in name for part in key.split()):
+            return tflops
+    return None
+
+
+# --- model ---------------------------------------------------------------------------------------
 
 
 def flops_per_tile(model: DenseIsoViT, device: torch.device) -> int:
@@ -66,10 +105,25 @@ def flops_per_tile(model: DenseIsoViT, device: torch.device) -> int:
     return counter.get_total_flops()
 
 
+def halo_costs(model: DenseIsoViT, flops: int, halos: tuple[int, ...] = (0, 2, 4, 8, 12, 16)) -> dict[int, dict]:
+    """Compute factor (T / (T - 2h))^2 and FLOPs per output pixel for each halo."""
+    c = model.config
+    out = {}
+    for halo in halos:
+        core = (c.tile_size - 2 * halo) * c.scale
+        out[halo] = {
+            "compute_factor": round((c.tile_size * c.scale / core) ** 2, 3),
+            "flops_per_output_pixel": round(flops / core**2),
+        }
+    return out
+
+
 def time_forward(model: DenseIsoViT, device: torch.device, *, batch: int, dtype: str, seconds: float) -> float:
     """Tiles per second over about `seconds`, after one warm-up pass."""
     tile = model.config.tile_size
     x = torch.rand(batch, model.config.in_channels, tile, tile, device=device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
     done = 0
     with torch.inference_mode(), precision(device, dtype):
         model(x)
@@ -84,48 +138,243 @@ def time_forward(model: DenseIsoViT, device: torch.device, *, batch: int, dtype:
         return done / (time.perf_counter() - start)
 
 
-def bench_model(args: argparse.Namespace) -> dict[str, object]:
+def bench_model(args: argparse.Namespace, info: dict[str, object]) -> dict[str, object]:
     device = pick_device(args.device)
-    config = variant(args.variant)
-    model = DenseIsoViT(config).to(device).eval()
+    model = DenseIsoViT(variant(args.variant)).to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     flops = flops_per_tile(model, device)
-    out_pixels = (config.tile_size * config.scale) ** 2
-    halos = {}
-    for halo in (0, 2, 4, 8, 16):
-        core = (config.tile_size - 2 * halo) * config.scale
-        halos[halo] = {"compute_factor": round(out_pixels / core**2, 3), "flops_per_output_pixel": round(flops / core**2)}
+    out_pixels = (model.config.tile_size * model.config.scale) ** 2
+    peak = bf16_peak_tflops(str(info.get("gpu", ""))) if device.type == "cuda" else None
+    gpu = device.type == "cuda"
+    batches = args.batch_sizes or ("1,32,128,512" if gpu else "1,4,8" if args.quick else "1,4,8,16")
+    dtypes = args.dtypes or ("bfloat16" if gpu and args.quick else "float32,bfloat16")
+    seconds = 2.0 if args.quick else 10.0
     rows = []
-    for dtype in args.dtypes.split(","):
-        for batch in (int(b) for b in args.batch_sizes.split(",")):
-            tiles_per_s = time_forward(model, device, batch=batch, dtype=dtype, seconds=args.seconds)
-            rows.append(
-                {
-                    "dtype": dtype,
-                    "batch": batch,
-                    "tiles_per_s": round(tiles_per_s, 2),
-                    # output pixels of whole tiles, i.e. with halo 0; divide by compute_factor for a halo
-                    "output_mp_per_s": round(tiles_per_s * out_pixels / 1e6, 3),
-                    "gflop_per_s": round(tiles_per_s * flops / 1e9, 1),
-                }
-            )
-            print(f"{dtype:>9} batch {batch:>3}: {rows[-1]['tiles_per_s']:8.2f} tiles/s", file=sys.stderr, flush=True)
+    for dtype in dtypes.split(","):
+        for batch in (int(b) for b in batches.split(",")):
+            tiles_per_s = time_forward(model, device, batch=batch, dtype=dtype, seconds=seconds)
+            row = {
+                "dtype": dtype,
+                "batch": batch,
+                "tiles_per_s": round(tiles_per_s, 2),
+                # output pixels of whole tiles, i.e. with halo 0; divide by compute_factor for a halo
+                "output_mp_per_s": round(tiles_per_s * out_pixels / 1e6, 3),
+                "gflop_per_s": round(tiles_per_s * flops / 1e9, 1),
+            }
+            if peak and dtype == "bfloat16":
+                row["mfu"] = round(tiles_per_s * flops / (peak * 1e12), 3)
+            rows.append(row)
+            log(f"model {dtype:>9} batch {batch:>4}: {row['tiles_per_s']:9.2f} tiles/s")
     return {
         "variant": args.variant,
         "parameters": parameter_count(model),
         "device": str(device),
+        "seconds_per_row": seconds,
         "gflop_per_tile": round(flops / 1e9, 3),
-        "halos": halos,
+        "bf16_peak_tflops": peak,
+        "halos": halo_costs(model, flops),
         "rows": rows,
     }
 
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+# --- codecs ----------------------------------------------------------------------------------------
+
+# (label, Pillow format, save options); the first of each format is what isosr writes (images.encode).
+ENCODERS = (
+    ("PNG, zlib level 1 (isosr)", "PNG", {"compress_level": 1}),
+    ("PNG, level 3", "PNG", {"compress_level": 3}),
+    ("PNG, level 6 (Pillow's default)", "PNG", {"compress_level": 6}),
+    ("JPEG q95 (isosr)", "JPEG", {"quality": 95}),
+    ("WebP q95, method 4 (isosr)", "WEBP", {"quality": 95}),
+    ("WebP q95, method 0", "WEBP", {"quality": 95, "method": 0}),
+)
+
+
+def output_like_photo(quick: bool) -> np.ndarray:
+    """A photo at an output's size: scikit-image's astronaut (512x512) upscaled x4 with Lanczos."""
+    import skimage.data
+
+    photo = Image.fromarray(skimage.data.astronaut())
+    side = 1024 if quick else 2048
+    return np.asarray(photo.resize((side, side), Image.LANCZOS))
+
+
+def _timed(fn, repeats: int) -> float:
+    """Best of `repeats` wall times of fn(), in seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_codecs(args: argparse.Namespace) -> dict[str, object]:
+    """One thread: Pillow's codecs do not use more for one image, and isosr runs one task per core."""
+    pixels = output_like_photo(args.quick)
+    image = Image.fromarray(pixels)
+    mp = pixels.shape[0] * pixels.shape[1] / 1e6
+    repeats = 2 if args.quick else 5
+    rows = []
+    for label, fmt, options in ENCODERS:
+        buffer = io.BytesIO()
+
+        def encode(fmt=fmt, options=options, buffer=buffer) -> None:
+            buffer.seek(0)
+            buffer.truncate()
+            image.save(buffer, format=fmt, **options)
+
+        encode_s = _timed(encode, repeats)
+        data = buffer.getvalue()
+        decode_s = _timed(lambda data=data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), repeats)
+        rows.append(
+            {
+                "encoder": label,
+                "format": fmt,
+                "encode_mp_per_s": round(mp / encode_s, 2),
+                "decode_mp_per_s": round(mp / decode_s, 2),
+                "bytes_per_pixel": round(len(data) / (mp * 1e6), 3),
+            }
+        )
+        log(f"codecs {label}: encode {rows[-1]['encode_mp_per_s']} MP/s, decode {rows[-1]['decode_mp_per_s']} MP/s")
+    return {"image": f"{pixels.shape[1]}x{pixels.shape[0]} RGB photo", "threads": 1, "rows": rows}
+
+
+# --- quality sections: halo and skip ---------------------------------------------------------------
+
+
+def quality_pairs(args: argparse.Namespace) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, HR, LR) photo pairs: the photos under --photos, else scikit-image's QUALITY_PHOTOS;
+    LR is the quality checks' bicubic x4 degradation. --quick centre-crops HR to 1024 pixels a side."""
+    import skimage.data
+
+    from model.metrics import bicubic_downscale_array, modcrop
+
+    if args.photos:
+        files = sorted(p for folder in args.photos for p in folder.iterdir() if p.is_file())
+        named = [(p.name, np.asarray(Image.open(p).convert("RGB"))) for p in files]
+    else:
+        named = [(n, getattr(skimage.data, n)()) for n in QUALITY_PHOTOS]
+    pairs = []
+    for name, hr in named:
+        hr = np.dstack([hr] * 3) if hr.ndim == 2 else hr[..., :3]
+        if args.quick:
+            h, w = min(hr.shape[0], 1024), min(hr.shape[1], 1024)
+            y0, x0 = (hr.shape[0] - h) // 2, (hr.shape[1] - w) // 2
+            hr = hr[y0 : y0 + h, x0 : x0 + w]
+        hr = np.ascontiguousarray(modcrop(hr, 4))
+        pairs.append((name, hr, bicubic_downscale_array(hr, 4)))
+    return pairs
+
+
+def warm_up(model: DenseIsoViT, device: str | None) -> None:
+    """One untimed pass, so that the first timed row does not pay for torch's first calls."""
+    from model.inference import TileUpscaler
+    from model.tiling import upscale_array
+
+    upscale_array(np.zeros((200, 200, 3), np.uint8), TileUpscaler(model, device=device, dtype="float32"))
+
+
+def seam_ratio(sr: np.ndarray, hr: np.ndarray, *, tile: int, halo: int, scale: int, width: int = 4) -> float:
+    """Mean absolute error within `width` output pixels of the lines where tiles hand over (the
+    middle of each overlap), over the mean absolute error elsewhere: 1.0 is no visible seam."""
+    from model.tiling import axis_starts
+
+    error = np.abs(sr.astype(np.float64) - hr.astype(np.float64)).mean(axis=2)
+    near = np.zeros(error.shape, dtype=bool)
+    for axis, length in ((0, hr.shape[0] // scale), (1, hr.shape[1] // scale)):
+        starts = axis_starts(length, tile, halo)
+        for a, b in itertools.pairwise(starts):
+            line = round((a + tile + b) / 2 * scale)  # the middle of the overlap of two neighbours
+            index = [slice(None), slice(None)]
+            index[axis] = slice(max(0, line - width), line + width)
+            near[tuple(index)] = True
+    if not near.any():
+        return 1.0
+    return float(error[near].mean() / error[~near].mean())
+
+
+def bench_halo(args: argparse.Namespace) -> dict[str, object]:
+    from model.inference import TileUpscaler, load_model
+    from model.metrics import psnr
+    from model.tiling import plan_tiles, upscale_array
+
+    source = load_model(None)
+    runner = TileUpscaler(source.model, device=args.device, dtype="float32")
+    tile = source.model.config.tile_size
+    pairs = quality_pairs(args)
+    warm_up(source.model, args.device)
+    rows = []
+    for halo in (0, 2, 4, 8, 12):
+        scores, ratios, tiles, seconds = [], [], 0, 0.0
+        for _, hr, lr in pairs:
+            start = time.perf_counter()
+            sr = upscale_array(lr, runner, halo=halo)
+            seconds += time.perf_counter() - start
+            scores.append(psnr(sr, hr, y_channel=True))
+            ratios.append(seam_ratio(sr, hr, tile=tile, halo=halo, scale=4))
+            tiles += len(plan_tiles(lr.shape[0], lr.shape[1], tile=tile, halo=halo))
+        rows.append(
+            {
+                "halo": halo,
+                "tiles": tiles,
+                "seconds": round(seconds, 2),
+                "psnr_y": round(float(np.mean(scores)), 4),
+                "seam_error_ratio": round(float(np.mean(ratios)), 3),
+                "worst_seam_error_ratio": round(float(np.max(ratios)), 3),
+            }
+        )
+        log(f"halo {halo}: {rows[-1]}")
+    return {"weights": source.description, "photos": [n for n, _, _ in pairs], "rows": rows}
+
+
+def bench_skip(args: argparse.Namespace) -> dict[str, object]:
+    from model.inference import TileUpscaler, load_model
+    from model.metrics import psnr
+    from model.tiling import DEFAULT_SKIP_DETAIL, upscale_array
+
+    source = load_model(None)
+    pairs = quality_pairs(args)
+    warm_up(source.model, args.device)
+    levels = (0.0, DEFAULT_SKIP_DETAIL, 1.0) if args.quick else (0.0, 0.25, DEFAULT_SKIP_DETAIL, 0.75, 1.0, 1.5)
+    rows, base = [], None
+    for level in levels:
+        runner = TileUpscaler(source.model, device=args.device, dtype="float32", skip_detail=level)
+        per_photo, start = {}, time.perf_counter()
+        for name, hr, lr in pairs:
+            per_photo[name] = psnr(upscale_array(lr, runner), hr, y_channel=True)
+        seconds = time.perf_counter() - start
+        base = base or (per_photo, seconds)
+        losses = {n: base[0][n] - v for n, v in per_photo.items()}
+        rows.append(
+            {
+                "skip_detail": level,
+                "tiles_skipped": round(runner.tiles_skipped / (runner.tiles_run + runner.tiles_skipped), 4),
+                "seconds": round(seconds, 2),
+                "speed_up": round(base[1] / seconds, 3),
+                "mean_psnr_y_loss_db": round(float(np.mean(list(losses.values()))), 4),
+                "worst_psnr_y_loss_db": round(max(losses.values()), 4),
+                "per_photo": {n: {"skipped_loss_db": round(v, 4)} for n, v in losses.items()},
+            }
+        )
+        log(f"skip {level}: { ({k: v for k, v in rows[-1].items() if k != 'per_photo'}) }")
+    default = next(r for r in rows if r["skip_detail"] == DEFAULT_SKIP_DETAIL)
+    return {
+        "weights": source.description,
+        "photos": [n for n, _, _ in pairs],
+        "default_skip_detail": DEFAULT_SKIP_DETAIL,
+        "default_within_0_02_db": default["worst_psnr_y_loss_db"] <= 0.02,
+        "rows": rows,
+    }
+
+
+# --- pipeline, ceiling and the naive baseline ------------------------------------------------------
 
 
 def write_photos(folder: Path, count: int) -> list[Path]:
     """`count` PNG files cycling through scikit-image's bundled RGB photos (no download)."""
     import skimage.data
-    from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -137,21 +386,22 @@ def write_photos(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+def output_mp(paths: list[Path], scale: int = 4) -> float:
+    sizes = [Image.open(p).size for p in paths]
+    return sum(w * h for w, h in sizes) * scale**2 / 1e6
+
+
 def model_ceiling(paths: list[Path], model: DenseIsoViT, *, halo: int, batch_size: int, dtype: str) -> dict[str, float]:
     """Output MP/s of the model alone over the photos' tiles, pre-made, in this process."""
-    import numpy as np
-    from PIL import Image
-
     from model.tiling import _planes, extract_tiles, plan_tiles
 
     config = model.config
-    tiles, out_pixels = [], 0
+    tiles = []
     for path in paths:
         pixels = np.asarray(Image.open(path))
         plan = plan_tiles(pixels.shape[0], pixels.shape[1], tile=config.tile_size, halo=halo)
         for plane in _planes(pixels):
             tiles.append(extract_tiles(plane, plan))
-        out_pixels += pixels.shape[0] * pixels.shape[1] * config.scale**2
     all_tiles = torch.from_numpy(np.concatenate(tiles))
     device = next(model.parameters()).device
     with torch.inference_mode(), precision(device, dtype):
@@ -159,8 +409,14 @@ def model_ceiling(paths: list[Path], model: DenseIsoViT, *, halo: int, batch_siz
         start = time.perf_counter()
         for i in range(0, len(all_tiles), batch_size):
             model(all_tiles[i : i + batch_size].to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    return {"tiles": len(all_tiles), "seconds": round(seconds, 2), "output_mp_per_s": round(out_pixels / 1e6 / seconds, 4)}
+    return {
+        "tiles": len(all_tiles),
+        "seconds": round(seconds, 2),
+        "output_mp_per_s": round(output_mp(paths) / seconds, 4),
+    }
 
 
 def _ceiling_share(job: tuple[str, list[str], int, int, int, str]) -> tuple[int, float]:
@@ -178,19 +434,54 @@ def _ceiling_share(job: tuple[str, list[str], int, int, int, str]) -> tuple[int,
 def parallel_ceiling(paths: list[Path], checkpoint: str, *, halo: int, dtype: str) -> dict[str, float]:
     """The model alone in one single-threaded process per core, started together: a stricter
     ceiling than one process, where torch's threads do not scale perfectly."""
-    import multiprocessing
-
-    import numpy as np
-    from PIL import Image
-
     cores = os.cpu_count() or 1
     jobs = [(checkpoint, [str(p) for p in paths], i, cores, halo, dtype) for i in range(cores)]
     with multiprocessing.get_context("spawn").Pool(cores) as pool:
         shares = pool.map(_ceiling_share, jobs)
-    out_pixels = sum(np.asarray(Image.open(p)).shape[0] * np.asarray(Image.open(p)).shape[1] * 16 for p in paths)
     seconds = max(s for _, s in shares)
     return {"processes": cores, "tiles": sum(t for t, _ in shares), "seconds": round(seconds, 2),
-            "output_mp_per_s": round(out_pixels / 1e6 / seconds, 4)}  # fmt: skip
+            "output_mp_per_s": round(output_mp(paths) / seconds, 4)}  # fmt: skip
+
+
+def naive_run(paths: list[Path], out: Path, model: DenseIsoViT, *, halo: int, device: str | None) -> dict[str, float]:
+    """The naive baseline: one process, each image read with Pillow, its tiles run one at a time
+    (batch 1; the same tiler and halo), written with Pillow (PNG at isosr's zlib level, so encoding
+    costs the same). As Real-ESRGAN runs: float32 on CPU, half precision (here bf16) on a GPU.
+    Model loaded before the clock starts."""
+    from model.inference import TileUpscaler
+    from model.tiling import upscale_array
+    from pipeline.images import PNG_COMPRESS_LEVEL
+
+    runner = TileUpscaler(model, device=device, dtype="float32" if pick_device(device).type == "cpu" else "auto")
+    out.mkdir(parents=True, exist_ok=True)
+    runner(np.zeros((1, 3, model.config.tile_size, model.config.tile_size), np.float32))  # warm-up
+    start = time.perf_counter()
+    for path in paths:
+        pixels = np.asarray(Image.open(path))
+        result = upscale_array(pixels, runner, halo=halo, batch_size=1)
+        Image.fromarray(result).save(out / path.name, compress_level=PNG_COMPRESS_LEVEL)
+    seconds = time.perf_counter() - start
+    return {
+        "images": len(paths),
+        "dtype": runner.dtype,
+        "tiles": runner.tiles_run,
+        "seconds": round(seconds, 2),
+        "output_mp_per_s": round(output_mp(paths) / seconds, 4),
+    }
+
+
+def max_difference(a: Path, b: Path) -> int:
+    """The largest difference of any pixel between same-named PNGs in two folders: the pipeline's
+    outputs against the naive baseline's. Same tiler, model and float32, but forward batches of 8
+    tiles against 1 sum in another order, so a value can round to the next level: at most 1."""
+    worst = 0
+    for path in sorted(a.glob("*.png")):
+        x = np.asarray(Image.open(path), dtype=np.int32)
+        y = np.asarray(Image.open(b / path.name), dtype=np.int32)
+        if x.shape != y.shape:
+            raise RuntimeError(f"{path.name}: the pipeline wrote {y.shape}, the naive baseline {x.shape}")
+        worst = max(worst, int(np.abs(x - y).max()))
+    return worst
 
 
 class PeakMemory:
@@ -218,7 +509,7 @@ class PeakMemory:
 
         self._thread = threading.Thread(target=sample, daemon=True)
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> PeakMemory:  # noqa: PYI034 - Python 3.11's typing.Self would do; kept plain
         self._thread.start()
         return self
 
@@ -227,17 +518,18 @@ class PeakMemory:
         self._thread.join()
 
 
-def pipeline_run(src: Path, dst: Path, args: argparse.Namespace, checkpoint: str, *, memory: bool) -> dict[str, float]:
-    """One run of the pipeline; with `memory`, its peak PSS too. Reading PSS walks every page table
-    of every Ray process (the object store maps gigabytes), which costs real CPU: runs timed for
-    throughput do not sample."""
-    import contextlib
-
+def pipeline_run(
+    src: Path, dst: Path, args: argparse.Namespace, checkpoint: str, *, memory: bool, precision: str = "auto"
+) -> dict[str, float]:
+    """One run of the pipeline with skipping off (every tile runs, as in the ceiling and the naive
+    baseline); with `memory`, its peak PSS too. Reading PSS walks every page table of every Ray
+    process (the object store maps gigabytes), which costs real CPU: runs timed for throughput do
+    not sample."""
     from pipeline.run import RunOptions, run
 
     options = RunOptions(
-        src=str(src), dst=str(dst), checkpoint=checkpoint, halo=args.halo, batch_size=args.batch_size,
-        precision=args.dtype, skip_existing=False,
+        src=str(src), dst=str(dst), checkpoint=checkpoint, halo=args.halo, device=args.device,
+        skip_existing=False, skip_detail=0.0, precision=precision,
     )  # fmt: skip
     sampler = PeakMemory(interval=0.5) if memory else None
     with sampler or contextlib.nullcontext():
@@ -249,6 +541,7 @@ def pipeline_run(src: Path, dst: Path, args: argparse.Namespace, checkpoint: str
         raise RuntimeError(f"pipeline benchmark: {s['failed']}")
     return {
         "images": s["counts"]["inputs"],
+        "tiles": s["tiles"]["total"],
         "seconds": round(seconds, 2),
         "output_mp": round(s["megapixels_out"], 3),
         "output_mp_per_s": round(s["megapixels_out"] / seconds, 4),
@@ -257,120 +550,221 @@ def pipeline_run(src: Path, dst: Path, args: argparse.Namespace, checkpoint: str
 
 
 def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
-    import tempfile
-
     import ray
 
     from model.checkpoint import save_checkpoint
+    from model.inference import TileUpscaler
 
     torch.manual_seed(0)
-    model = DenseIsoViT(variant(args.variant)).eval()
+    device = pick_device(args.device)
+    model = DenseIsoViT(variant(args.variant)).to(device).eval()
+    runner = TileUpscaler(model, device=device)  # the dtype and batch size the pipeline's actors choose
+    batch_size = runner.batch_size()
+    images = args.images or 8
+    result: dict[str, object] = {
+        "variant": args.variant,
+        "halo": args.halo,
+        "batch_size": batch_size,
+        "dtype": runner.dtype,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         checkpoint = str(root / "model.safetensors")
         save_checkpoint(model, checkpoint)
-        small = write_photos(root / "small", args.images)
-        large = write_photos(root / "large", args.images * args.scale_images)
-        ceiling = model_ceiling(small, model, halo=args.halo, batch_size=args.batch_size, dtype=args.dtype)
-        print(f"model-only ceiling: {ceiling}", file=sys.stderr, flush=True)
-        strict = parallel_ceiling(small, checkpoint, halo=args.halo, dtype=args.dtype)
-        print(f"model-only ceiling, one single-threaded process per core: {strict}", file=sys.stderr, flush=True)
+        photos = write_photos(root / "photos", images)
+        result["ceiling"] = model_ceiling(photos, model, halo=args.halo, batch_size=batch_size, dtype=runner.dtype)
+        log(f"model-only ceiling: {result['ceiling']}")
+        result["naive"] = naive_run(photos, root / "out-naive", model, halo=args.halo, device=args.device)
+        log(f"naive baseline: {result['naive']}")
+        if device.type == "cpu" and not args.quick:
+            result["ceiling_per_core"] = parallel_ceiling(photos, checkpoint, halo=args.halo, dtype=runner.dtype)
+            log(f"model-only ceiling, one single-threaded process per core: {result['ceiling_per_core']}")
         ray.init(include_dashboard=False, logging_level="ERROR")
         try:
-            end_to_end = pipeline_run(root / "small", root / "out-timed", args, checkpoint, memory=False)
-            print(f"pipeline, {args.images} photos: {end_to_end}", file=sys.stderr, flush=True)
-            base = pipeline_run(root / "small", root / "out-small", args, checkpoint, memory=True)
-            print(f"pipeline with memory sampling, {args.images} photos: {base}", file=sys.stderr, flush=True)
-            scaled = pipeline_run(root / "large", root / "out-large", args, checkpoint, memory=True)
-            print(f"pipeline with memory sampling, {len(large)} photos: {scaled}", file=sys.stderr, flush=True)
+            result["pipeline"] = pipeline_run(root / "photos", root / "out-timed", args, checkpoint, memory=False)
+            log(f"pipeline, {images} photos: {result['pipeline']}")
+            if runner.dtype != result["naive"]["dtype"]:  # also at the naive baseline's precision
+                same = pipeline_run(
+                    root / "photos", root / "out-same", args, checkpoint, memory=False, precision="float32"
+                )
+                result["pipeline_float32"] = same
+                log(f"pipeline in float32, {images} photos: {same}")
+            if not args.quick and args.scale_images > 0:
+                large = write_photos(root / "large", images * args.scale_images)
+                result["pipeline_memory"] = pipeline_run(root / "photos", root / "out-m", args, checkpoint, memory=True)
+                log(f"pipeline with memory sampling, {images} photos: {result['pipeline_memory']}")
+                result["pipeline_scaled"] = pipeline_run(root / "large", root / "out-l", args, checkpoint, memory=True)
+                log(f"pipeline with memory sampling, {len(large)} photos: {result['pipeline_scaled']}")
         finally:
             ray.shutdown()
-    return {
-        "variant": args.variant,
-        "halo": args.halo,
-        "batch_size": args.batch_size,
-        "dtype": args.dtype,
-        "ceiling": ceiling,
-        "ceiling_per_core": strict,
-        "pipeline": end_to_end,
-        "pipeline_memory": base,
-        "pipeline_scaled": scaled,
-        "pipeline_vs_ceiling": round(end_to_end["output_mp_per_s"] / ceiling["output_mp_per_s"], 3),
-        "pipeline_vs_ceiling_per_core": round(end_to_end["output_mp_per_s"] / strict["output_mp_per_s"], 3),
-        "memory_growth": round(scaled["peak_memory_mib"] / base["peak_memory_mib"] - 1, 3),
-    }
+        same_dtype = root / ("out-same" if "pipeline_float32" in result else "out-timed")
+        result["max_pixel_difference_vs_naive"] = max_difference(root / "out-naive", same_dtype)
+        if "pipeline_float32" in result:
+            result["max_pixel_difference_vs_float32"] = max_difference(root / "out-same", root / "out-timed")
+    rate = result["pipeline"]["output_mp_per_s"]
+    result["pipeline_vs_ceiling"] = round(rate / result["ceiling"]["output_mp_per_s"], 3)
+    result["pipeline_vs_naive"] = round(rate / result["naive"]["output_mp_per_s"], 3)
+    if "pipeline_float32" in result:
+        same_rate = result["pipeline_float32"]["output_mp_per_s"]
+        result["pipeline_float32_vs_naive"] = round(same_rate / result["naive"]["output_mp_per_s"], 3)
+    if "ceiling_per_core" in result:
+        result["pipeline_vs_ceiling_per_core"] = round(rate / result["ceiling_per_core"]["output_mp_per_s"], 3)
+    if "pipeline_scaled" in result:
+        growth = result["pipeline_scaled"]["peak_memory_mib"] / result["pipeline_memory"]["peak_memory_mib"] - 1
+        result["memory_growth"] = round(growth, 3)
+    return result
 
 
-def pipeline_markdown(r: dict[str, object], info: dict[str, object]) -> str:
-    c, p, m, q = r["ceiling"], r["pipeline"], r["pipeline_memory"], r["pipeline_scaled"]
-    return "\n".join(
-        [
-            f"End-to-end vs model-only, variant `{r['variant']}`, halo {r['halo']}, batch {r['batch_size']}, {r['dtype']}; "
-            f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['date']}.",
-            "",
-            "| run | images | tiles | seconds | output MP/s | peak memory |",
-            "|---|---:|---:|---:|---:|---:|",
-            f"| model only (pre-tiled, one process) | {p['images']} | {c['tiles']} | {c['seconds']} | {c['output_mp_per_s']} | |",
-            f"| model only (pre-tiled, {r['ceiling_per_core']['processes']} single-threaded processes) | {p['images']} | "
-            f"{r['ceiling_per_core']['tiles']} | {r['ceiling_per_core']['seconds']} | {r['ceiling_per_core']['output_mp_per_s']} | |",
-            f"| pipeline | {p['images']} | | {p['seconds']} | {p['output_mp_per_s']} | |",
-            f"| pipeline, sampling memory | {m['images']} | | {m['seconds']} | {m['output_mp_per_s']} | {m['peak_memory_mib']} MiB |",
-            f"| pipeline, sampling memory, {q['images'] // p['images']}x the images | {q['images']} | | {q['seconds']} | "
-            f"{q['output_mp_per_s']} | {q['peak_memory_mib']} MiB |",
-            "",
-            f"Pipeline / ceiling: **{r['pipeline_vs_ceiling']:.1%}** (one process), "
-            f"{r['pipeline_vs_ceiling_per_core']:.1%} (one single-threaded process per core); peak memory growth for "
-            f"{q['images'] // p['images']}x the images: **{r['memory_growth']:+.1%}**.",
-        ]
-    )
+# --- report ----------------------------------------------------------------------------------------
 
 
-def markdown(result: dict[str, object], info: dict[str, object]) -> str:
-    lines = [
-        f"Model-only forward, variant `{result['variant']}` ({result['parameters']:,} parameters), "
-        f"{result['gflop_per_tile']} GFLOP per 64x64 tile; {info['cpu']}, {info['cores']} cores, "
-        f"torch {info['torch']} ({info['torch_threads']} threads), {result['device']}, {info['date']}.",
-        "",
-        "| dtype | batch | tiles/s | output MP/s (halo 0) | GFLOP/s |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['dtype']} | {r['batch']} | {r['tiles_per_s']} | {r['output_mp_per_s']} | {r['gflop_per_s']} |"
-        for r in result["rows"]
-    ]
-    lines += ["", "| halo | compute factor | FLOPs per output pixel |", "|---:|---:|---:|"]
-    lines += [f"| {h} | {v['compute_factor']} | {v['flops_per_output_pixel']:,} |" for h, v in result["halos"].items()]
-    return "\n".join(lines)
+def _table(header: list[str], rows: list[list[object]]) -> list[str]:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    return [f"| {' | '.join(header)} |", f"| {' | '.join(align)} |"] + [f"| {' | '.join(map(str, r))} |" for r in rows]
+
+
+def markdown(results: dict[str, object]) -> str:
+    info = results["machine"]
+    where = f"{info.get('gpu') or info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['date']}"
+    out = [f"Machine: {where}."]
+    if "model" in results:
+        m = results["model"]
+        out += ["", (f"**Model only**, variant `{m['variant']}` ({m['parameters']:,} parameters), {m['gflop_per_tile']} "
+                f"GFLOP per 64x64 tile, {m['device']}, {m['seconds_per_row']} s a row:"), ""]  # fmt: skip
+        mfu = m["bf16_peak_tflops"] is not None
+        out += _table(
+            ["dtype", "batch", "tiles/s", "output MP/s (halo 0)", "GFLOP/s"] + (["MFU (bf16 peak)"] if mfu else []),
+            [[r["dtype"], r["batch"], r["tiles_per_s"], r["output_mp_per_s"], r["gflop_per_s"]]
+             + ([f"{r['mfu']:.1%}" if "mfu" in r else ""] if mfu else []) for r in m["rows"]],
+        )  # fmt: skip
+        out += [""] + _table(
+            ["halo", "compute factor", "FLOPs per output pixel"],
+            [[h, v["compute_factor"], f"{v['flops_per_output_pixel']:,}"] for h, v in m["halos"].items()],
+        )
+    if "codecs" in results:
+        c = results["codecs"]
+        out += ["", f"**Codecs**, one thread, {c['image']}:", ""]
+        out += _table(
+            ["encoder", "encode MP/s per core", "decode MP/s per core", "bytes per pixel"],
+            [[r["encoder"], r["encode_mp_per_s"], r["decode_mp_per_s"], r["bytes_per_pixel"]] for r in c["rows"]],
+        )
+    if "halo" in results:
+        h = results["halo"]
+        out += ["", f"**Halo**, {h['weights']}, photos {', '.join(h['photos'])}:", ""]
+        out += _table(
+            ["halo", "tiles", "seconds", "PSNR-Y (dB)", "seam error ratio (mean / worst)"],
+            [[r["halo"], r["tiles"], r["seconds"], r["psnr_y"], f"{r['seam_error_ratio']} / {r['worst_seam_error_ratio']}"]
+             for r in h["rows"]],
+        )  # fmt: skip
+    if "skip" in results:
+        s = results["skip"]
+        out += ["", f"**Content-adaptive skipping**, {s['weights']}, photos {', '.join(s['photos'])}:", ""]
+        out += _table(
+            ["--skip-detail", "tiles skipped", "seconds", "speed-up", "PSNR-Y lost, mean (dB)", "worst photo (dB)"],
+            [[r["skip_detail"], f"{r['tiles_skipped']:.1%}", r["seconds"], f"{r['speed_up']:.2f}x",
+              r["mean_psnr_y_loss_db"], r["worst_psnr_y_loss_db"]] for r in s["rows"]],
+        )  # fmt: skip
+    if "pipeline" in results:
+        p = results["pipeline"]
+        rows = [
+            ["model only: pre-tiled tensors, one process", p["ceiling"]["tiles"], p["ceiling"]["seconds"], p["ceiling"]["output_mp_per_s"], ""],
+            [f"naive: one process, batch 1, Pillow I/O, {p['naive']['dtype']}", p["naive"]["tiles"], p["naive"]["seconds"], p["naive"]["output_mp_per_s"], ""],
+            [f"pipeline, {p['dtype']}", p["pipeline"]["tiles"], p["pipeline"]["seconds"], p["pipeline"]["output_mp_per_s"], ""],
+        ]  # fmt: skip
+        if "pipeline_float32" in p:
+            r = p["pipeline_float32"]
+            rows.append(["pipeline, float32", r["tiles"], r["seconds"], r["output_mp_per_s"], ""])
+        if "ceiling_per_core" in p:
+            q = p["ceiling_per_core"]
+            rows.insert(
+                1,
+                [
+                    f"model only: {q['processes']} single-threaded processes",
+                    q["tiles"],
+                    q["seconds"],
+                    q["output_mp_per_s"],
+                    "",
+                ],
+            )
+        for key, label in (
+            ("pipeline_memory", "pipeline, memory sampled"),
+            ("pipeline_scaled", "pipeline, memory sampled, more images"),
+        ):
+            if key in p:
+                r = p[key]
+                rows.append(
+                    [
+                        f"{label} ({r['images']} images)",
+                        r["tiles"],
+                        r["seconds"],
+                        r["output_mp_per_s"],
+                        f"{r['peak_memory_mib']:,} MiB",
+                    ]
+                )
+        out += ["", (f"**End to end**, variant `{p['variant']}`, {p['pipeline']['images']} photos, halo {p['halo']}, "
+                f"batch {p['batch_size']}, {p['dtype']}:"), ""]  # fmt: skip
+        out += _table(["run", "tiles", "seconds", "output MP/s", "peak memory"], rows)
+        out += ["", (f"Pipeline / model-only ceiling: **{p['pipeline_vs_ceiling']:.1%}**; pipeline / naive: "
+                f"**{p['pipeline_vs_naive']:.2f}x**; largest pixel difference between the pipeline's float32 "
+                f"outputs and the naive baseline's: {p['max_pixel_difference_vs_naive']}.")]  # fmt: skip
+        if "pipeline_float32" in p:
+            out.append(f"Pipeline in float32 / naive: {p['pipeline_float32_vs_naive']:.2f}x; largest pixel difference "
+                       f"between the pipeline's {p['dtype']} and float32 outputs: {p['max_pixel_difference_vs_float32']}.")  # fmt: skip
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sections = parser.add_subparsers(dest="section", required=True)
-    model = sections.add_parser("model", help="model-only ceiling")
-    model.add_argument("--variant", default="full")
-    model.add_argument("--batch-sizes", default="1,4,8,16")
-    model.add_argument("--dtypes", default="float32")
-    model.add_argument("--seconds", type=float, default=10.0, help="timed seconds per row")
-    model.add_argument("--device")
-    model.add_argument("--json", type=Path, help="also write the figures here")
-    pipe = sections.add_parser("pipeline", help="end-to-end pipeline vs the model-only ceiling, and memory")
-    pipe.add_argument("--variant", default="full")
-    pipe.add_argument("--images", type=int, default=5)
-    pipe.add_argument("--scale-images", type=int, default=4, help="the memory run uses this many times the images")
-    pipe.add_argument("--halo", type=int, default=4)
-    pipe.add_argument("--batch-size", type=int, default=8)
-    pipe.add_argument("--dtype", default="float32")
-    pipe.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--quick", action="store_true", help="every section smaller: under 10 minutes on 2 CPU cores")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--json", type=Path, help="write every figure here, with the machine and date")
+    parser.add_argument("--markdown", type=Path, help="write the tables for RESULTS.md here (they are printed too)")
+    parser.add_argument("--variant", default="full", help="the model for the speed sections (model, pipeline)")
+    parser.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    parser.add_argument("--batch-sizes", help="model section (default: 1,4,8,16 on CPU; 1,32,128,512 on a GPU)")
+    parser.add_argument("--dtypes", help="model section (default: float32,bfloat16)")
+    parser.add_argument("--images", type=int, help="pipeline section: photos (default 8)")
+    parser.add_argument(
+        "--scale-images",
+        type=int,
+        default=4,
+        help="pipeline section: the memory run's photos, times --images (0: no memory runs)",
+    )
+    parser.add_argument("--halo", type=int, default=4, help="pipeline section")
+    parser.add_argument(
+        "--photos",
+        type=Path,
+        action="append",
+        help="halo and skip sections: a folder of photos, repeatable (default: scikit-image's)",
+    )
     args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    run = {
+        "model": bench_model,
+        "codecs": bench_codecs,
+        "halo": bench_halo,
+        "skip": bench_skip,
+        "pipeline": bench_pipeline,
+    }
     info = machine()
-    if args.section == "model":
-        result = bench_model(args)
-        print(markdown(result, info))
-    else:
-        result = bench_pipeline(args)
-        print(pipeline_markdown(result, info))
+    results: dict[str, object] = {"machine": info, "quick": args.quick}
+    started = time.perf_counter()
+    for section in sections:
+        results[section] = run[section](args, info) if section == "model" else run[section](args)
+        log(f"-- {section} done at {time.perf_counter() - started:.0f} s")
+    if "pipeline" in results:
+        results["pipeline_vs_ceiling"] = results["pipeline"]["pipeline_vs_ceiling"]
+        results["pipeline_vs_naive"] = results["pipeline"]["pipeline_vs_naive"]
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    text = markdown(results)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, args.section: result}, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 

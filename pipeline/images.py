@@ -116,6 +116,7 @@ def _to_array(img: Image.Image) -> np.ndarray:
 
 
 _MAX_SIDE = {"WEBP": 16383, "JPEG": 65535}  # the formats' own limits
+PNG_COMPRESS_LEVEL = 1
 
 
 def encode(pixels: np.ndarray, fmt: str, *, icc_profile: bytes | None = None, quality: int = 95) -> bytes:
@@ -138,9 +139,10 @@ def encode(pixels: np.ndarray, fmt: str, *, icc_profile: bytes | None = None, qu
     if fmt in ("JPEG", "WEBP"):
         options["quality"] = quality
     if fmt == "PNG":
-        # Level 3: about 3x faster than Pillow's default 6 for ~10 % larger files (measured on a
-        # 4 MP photo: 0.39 s vs 1.13 s); encoding 16x the input's pixels is the CPU stage that binds.
-        options["compress_level"] = 3
+        # zlib level 1: 5x faster than Pillow's default 6 and 1.5x faster than 3, for files 13 % and
+        # 4 % larger (jobs/bench.py codecs, RESULTS.md). Encoding 16x the input's pixels is the CPU
+        # stage that binds beside a GPU; PNG stays lossless at any level.
+        options["compress_level"] = PNG_COMPRESS_LEVEL
     buffer = io.BytesIO()
     img.save(buffer, format=fmt, **options)
     return buffer.getvalue()

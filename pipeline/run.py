@@ -226,7 +226,15 @@ def build_dataset(rows: list[dict[str, Any]], options: RunOptions, *, tile: int,
         TileWorker,
         batch_size=1,  # pieces per call; tiles of a call's pieces share forward batches
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=placement.workers[0], max_size=placement.workers[1]),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=placement.workers[0],
+            max_size=placement.workers[1],
+            # Ray Data queues 2 pieces on each actor by default. A piece takes a CPU actor seconds
+            # to minutes: one queued behind a busy actor while another idles costs more than the
+            # few milliseconds an actor waits for its next piece, so CPU actors take one at a time.
+            # A GPU actor keeps the next piece queued to hide its transfer.
+            max_tasks_in_flight_per_actor=1 if not placement.gpus else None,
+        ),
         num_gpus=placement.gpus,
         num_cpus=placement.cpus,
         fn_constructor_kwargs={

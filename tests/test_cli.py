@@ -120,6 +120,7 @@ def test_format_option_and_single_file(ray_local: None, inputs: Path, tmp_path: 
         (["upscale", "{tmp}/src", "{tmp}/out", "--halo", "32"], "halo must be between 0 and 31"),
         (["upscale", "{tmp}/src", "{tmp}/out", "--batch-size", "0"], "must be at least 1"),
         (["upscale", "{tmp}/src", "{tmp}/out", "--spot-check-rate", "2"], "must be between 0 and 1"),
+        (["upscale", "{tmp}/src", "{tmp}/out", "--skip-detail", "-1"], "must be 0 or more"),
         (["upscale", "{tmp}/src", "{tmp}/out", "--format", "xcf"], "invalid choice"),
         (["upscale", "{tmp}/src", "{tmp}/src/"], "same place"),
         (["upscale", "{tmp}/src", "{tmp}/src/../src"], "same place"),
@@ -127,7 +128,7 @@ def test_format_option_and_single_file(ray_local: None, inputs: Path, tmp_path: 
         (["frobnicate"], "invalid choice"),
     ],
     ids=[
-        "missing-src", "halo", "batch-size", "spot-check-rate", "format", "src-is-dst",
+        "missing-src", "halo", "batch-size", "spot-check-rate", "skip-detail", "format", "src-is-dst",
         "src-is-dst-spelled-differently", "missing-checkpoint", "command",
     ],  # fmt: skip
 )

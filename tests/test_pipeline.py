@@ -476,6 +476,27 @@ def test_two_inputs_never_share_one_output(ray_local: None, tmp_path: Path, tiny
     assert all(r["error"] for r in rows if r["status"] != "ok")
 
 
+def test_flat_tiles_skip_the_network_and_the_manifest_counts_them(ray_local: None, tmp_path: Path, tiny_checkpoint: str) -> None:
+    """A scan with a blank margin: its margin's tiles take the skip path (the margin comes out its
+    exact colour); a photo's tiles all run the network."""
+    store = Store(root=tmp_path)
+    margin = np.full((200, 120, 3), 236, np.uint8)
+    margin[140:, :] = photo("astronaut", 60, 120, 200, 150)
+    store.put("src/scan.png", encoded(Image.fromarray(margin), "PNG"))
+    store.put("src/photo.png", encoded(Image.fromarray(photo("coffee", 80, 80, 100, 200)), "PNG"))
+
+    result = run(RunOptions(src=store.uri("src"), dst=store.uri("dst"), checkpoint=tiny_checkpoint, gpus_per_worker=1))
+
+    rows = {r["key"]: r for r in result.manifest.to_pylist()}
+    assert rows["scan.png"]["tiles_skipped"] >= 2, rows["scan.png"]
+    assert rows["scan.png"]["tiles_skipped"] < rows["scan.png"]["tiles"]
+    assert rows["photo.png"]["tiles_skipped"] == 0
+    assert result.summary["tiles"]["skipped"] == rows["scan.png"]["tiles_skipped"]
+    with Image.open(rows["scan.png"]["output"]) as out:
+        top = np.asarray(out)[: 56 * 4]  # rows owned by the first row of tiles alone: all margin
+    assert (top == 236).all()
+
+
 # ----------------------------------------------------------------------------- 4 and 7. skip, overwrite, spot checks
 
 

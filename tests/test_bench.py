@@ -1,0 +1,38 @@
+"""jobs/bench.py end to end, small: the sections run and report what RESULTS.md quotes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_quick_bench_writes_the_ratios_and_the_pipeline_matches_the_naive_baseline(tmp_path):
+    out = tmp_path / "bench.json"
+    table = tmp_path / "bench.md"
+    subprocess.run(
+        [sys.executable, "jobs/bench.py", "--quick", "--variant", "tiny", "--images", "2",
+         "--sections", "model,codecs,skip,pipeline", "--batch-sizes", "1,8", "--dtypes", "float32",
+         "--json", str(out), "--markdown", str(table)],
+        cwd=ROOT, check=True, timeout=600,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["pipeline_vs_ceiling"] > 0 and result["pipeline_vs_naive"] > 0
+    assert result["machine"]["cores"] >= 1 and result["machine"]["date"]
+    pipe = result["pipeline"]
+    # Same tiler, model, halo and float32: the same pixels, but for rounding (batches of 8 against 1).
+    assert pipe["max_pixel_difference_vs_naive"] <= 1
+    assert pipe["pipeline"]["tiles"] >= pipe["ceiling"]["tiles"]  # plus the round-trip spot check's
+    assert [r["batch"] for r in result["model"]["rows"]] == [1, 8]
+    assert result["model"]["halos"]["4"]["compute_factor"] == pytest.approx((64 / 56) ** 2, abs=1e-3)
+    assert {r["format"] for r in result["codecs"]["rows"]} == {"PNG", "JPEG", "WEBP"}
+    skip = result["skip"]["rows"]
+    assert skip[0]["skip_detail"] == 0 and skip[0]["tiles_skipped"] == 0
+    assert "Pipeline / model-only ceiling" in table.read_text()
