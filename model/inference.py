@@ -2,7 +2,7 @@
 
 The fast paths, and why each is there:
 - bf16 autocast on GPUs (fp16 on GPUs without bf16) and on CPUs with native bf16 instructions
-  (AVX512-BF16 or AMX: ~1.8x faster there, within 1 level of 255 of float32 on held-out photos,
+  (AVX512-BF16 or AMX: ~1.8x faster there, within 1-2 levels of 255 of float32 on real photos,
   RESULTS.md); float32 on other CPUs, where bf16 is emulated and slower;
 - attention through scaled_dot_product_attention (model/network.py: flash / memory-efficient
   kernels where the device has them);

@@ -58,7 +58,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="autocast dtype (default auto: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), where it is "
-        "within 1 level of 255 of float32; float32 on other CPUs)",
+        "within 1-2 levels of 255 of float32; float32 on other CPUs)",
     )
 
 

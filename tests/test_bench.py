@@ -19,7 +19,7 @@ def test_quick_bench_writes_the_ratios_and_the_pipeline_matches_the_naive_baseli
     table = tmp_path / "bench.md"
     subprocess.run(
         [sys.executable, "jobs/bench.py", "--quick", "--variant", "tiny", "--images", "2",
-         "--sections", "model,codecs,skip,pipeline", "--batch-sizes", "1,8", "--dtypes", "float32",
+         "--sections", "model,codecs,skip,precision,pipeline", "--batch-sizes", "1,8", "--dtypes", "float32",
          "--json", str(out), "--markdown", str(table)],
         cwd=ROOT, check=True, timeout=600,
     )  # fmt: skip
@@ -29,10 +29,14 @@ def test_quick_bench_writes_the_ratios_and_the_pipeline_matches_the_naive_baseli
     pipe = result["pipeline"]
     # Same tiler, model, halo and float32: the same pixels, but for rounding (batches of 8 against 1).
     assert pipe["max_pixel_difference_vs_naive"] <= 1
-    assert pipe["pipeline"]["tiles"] >= pipe["ceiling"]["tiles"]  # plus the round-trip spot check's
+    for dtype, runs in pipe["runs"].items():  # the default precision, and float32 (the naive baseline's)
+        assert runs["pipeline"]["tiles"] >= runs["ceiling"]["tiles"], dtype  # plus the round-trip spot check's
+    assert result["pipeline_vs_ceiling"] == pipe["runs"]["float32"]["pipeline_vs_ceiling"]
     assert [r["batch"] for r in result["model"]["rows"]] == [1, 8]
     assert result["model"]["halos"]["4"]["compute_factor"] == pytest.approx((64 / 56) ** 2, abs=1e-3)
     assert {r["format"] for r in result["codecs"]["rows"]} == {"PNG", "JPEG", "WEBP"}
     skip = result["skip"]["rows"]
     assert skip[0]["skip_detail"] == 0 and skip[0]["tiles_skipped"] == 0
-    assert "Pipeline / model-only ceiling" in table.read_text()
+    assert "pipeline / ceiling" in table.read_text()
+    fast = result["precision"]["rows"]
+    assert fast and all(r["max_difference"] <= 2 for r in fast), fast  # bf16 against float32, shipped weights
