@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
 from model.config import variant, variant_name
 from model.network import DenseIsoViT, pick_device, precision
 from model.tiling import DEFAULT_BATCH_SIZE
@@ -173,10 +173,24 @@ class ModelSource:
     description: str
 
 
-def load_model(checkpoint: str | None, *, untrained_variant: str | None = None) -> ModelSource:
+def load_model(checkpoint: str | None, *, untrained_variant: str | None = None, sha256: str | None = None) -> ModelSource:
     """The checkpoint at `checkpoint`; else, with `untrained_variant`, that variant untrained (its
     last layer is 0, so its output is exactly bilinear upscaling); else the shipped default weights,
-    or the untrained full network where they are missing (a checkout without model/weights/)."""
+    or the untrained full network where they are missing (a checkout without model/weights/).
+
+    `sha256`: the digest the checkpoint's bytes must have (--checkpoint-sha256); CheckpointError,
+    naming the file and both digests, when they do not."""
+    source = _load_model(checkpoint, untrained_variant)
+    if sha256 is not None and source.version != sha256.lower():
+        raise CheckpointError(
+            checkpoint or str(DEFAULT_CHECKPOINT),
+            f"its sha256 is {source.version}, but --checkpoint-sha256 asks for {sha256.lower()}: "
+            "the file changed, or it is not the one meant; nothing was run",
+        )
+    return source
+
+
+def _load_model(checkpoint: str | None, untrained_variant: str | None) -> ModelSource:
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint)
         return ModelSource(ckpt.model, ckpt.sha256, f"checkpoint {checkpoint}")

@@ -1,6 +1,6 @@
 """The `isosr` command.
 
-  isosr upscale SRC DST [--address ADDR] [--checkpoint URI] [--min-workers N] [--max-workers N]
+  isosr upscale SRC DST [--address ADDR] [--checkpoint URI] [--checkpoint-sha256 HEX] [--min-workers N] [--max-workers N]
                         [--gpus-per-worker G] [--batch-size N] [--halo N] [--format F]
                         [--skip-existing | --overwrite] [--spot-check-rate R] [--max-pixels N]
                         [--skip-detail LEVELS] [--compile]
@@ -45,12 +45,26 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _sha256(text: str) -> str:
+    value = text.strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise argparse.ArgumentTypeError(f"must be 64 hexadecimal digits (a sha256), got {text!r}")
+    return value
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
         metavar="URI",
         help="safetensors checkpoint: a path or any fsspec URI (s3://, https://, memory://). "
         "Default: the shipped default weights",
+    )
+    parser.add_argument(
+        "--checkpoint-sha256",
+        type=_sha256,
+        metavar="HEX",
+        help="refuse to run unless the checkpoint (or the default weights) has this sha256; checked where the job "
+        "starts and again in every model worker (`isosr info` prints a checkpoint's digest)",
     )
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when present, else cpu)")
     parser.add_argument(
@@ -213,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace, *, variant_name: str | None = None):
     from model.inference import TileUpscaler, load_model
 
-    source = load_model(args.checkpoint, untrained_variant=variant_name)
+    source = load_model(args.checkpoint, untrained_variant=variant_name, sha256=args.checkpoint_sha256)
     return source, TileUpscaler(source.model, device=args.device, dtype=args.precision)
 
 
@@ -246,6 +260,7 @@ def _run_options(args: argparse.Namespace, src: str, dst: str, **overrides: obje
         "src": src,
         "dst": dst,
         "checkpoint": args.checkpoint,
+        "checkpoint_sha256": args.checkpoint_sha256,
         "address": args.address,
         "min_workers": args.min_workers,
         "max_workers": args.max_workers,
@@ -285,6 +300,7 @@ def _upscale_args(args: argparse.Namespace, checkpoint: str | None) -> list[str]
     """The upscale options of `args` as the job's command line (options left unset are omitted)."""
     values = {
         "--checkpoint": checkpoint,
+        "--checkpoint-sha256": args.checkpoint_sha256,
         "--device": args.device,
         "--precision": args.precision,
         "--halo": args.halo,

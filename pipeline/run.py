@@ -47,6 +47,7 @@ class RunOptions:
     src: str
     dst: str
     checkpoint: str | None = None
+    checkpoint_sha256: str | None = None  # the digest the checkpoint must have; checked in the driver and every actor
     address: str | None = None  # an existing Ray cluster; None starts (and stops) a local one
     min_workers: int | None = None  # default: 1 with GPUs; on a CPU-only cluster, max_workers
     max_workers: int | None = None  # default: one per GPU up now; on a CPU-only cluster, one per CPU
@@ -240,6 +241,7 @@ def build_dataset(rows: list[dict[str, Any]], options: RunOptions, *, tile: int,
         fn_constructor_kwargs={
             "threads": placement.threads,
             "checkpoint": options.checkpoint,
+            "checkpoint_sha256": options.checkpoint_sha256,
             "device": options.device,
             "precision": options.precision,
             "batch_size": options.batch_size,
@@ -292,7 +294,7 @@ def prepare(options: RunOptions) -> ModelSource:
     from model.inference import load_model
     from model.tiling import check_halo
 
-    source = load_model(options.checkpoint)
+    source = load_model(options.checkpoint, sha256=options.checkpoint_sha256)
     try:
         check_halo(options.halo, source.model.config.tile_size)
     except ValueError as e:

@@ -156,6 +156,7 @@ class TileWorker:
         self,
         *,
         checkpoint: str | None,
+        checkpoint_sha256: str | None = None,
         device: str | None,
         precision: str,
         batch_size: int | None,
@@ -168,7 +169,8 @@ class TileWorker:
 
         from model.inference import TileUpscaler, load_model
 
-        source = load_model(checkpoint)
+        # Checked again here, not only in the driver: the object could change between the two reads.
+        source = load_model(checkpoint, sha256=checkpoint_sha256)
         self.runner = TileUpscaler(source.model, device=device, dtype=precision, skip_detail=skip_detail, compile=compile)
         if self.runner.device.type == "cpu" and threads:
             torch.set_num_threads(threads)

@@ -121,6 +121,8 @@ def test_format_option_and_single_file(ray_local: None, inputs: Path, tmp_path: 
         (["upscale", "{tmp}/src", "{tmp}/out", "--batch-size", "0"], "must be at least 1"),
         (["upscale", "{tmp}/src", "{tmp}/out", "--spot-check-rate", "2"], "must be between 0 and 1"),
         (["upscale", "{tmp}/src", "{tmp}/out", "--skip-detail", "-1"], "must be 0 or more"),
+        (["upscale", "{tmp}/src", "{tmp}/out", "--checkpoint-sha256", "abc"], "must be 64 hexadecimal digits"),
+        (["upscale", "{tmp}/src", "{tmp}/out", "--checkpoint-sha256", "0" * 64], "but --checkpoint-sha256 asks for 0000"),
         (["upscale", "{tmp}/src", "{tmp}/out", "--format", "xcf"], "invalid choice"),
         (["upscale", "{tmp}/src", "{tmp}/src/"], "same place"),
         (["upscale", "{tmp}/src", "{tmp}/src/../src"], "same place"),
@@ -128,7 +130,8 @@ def test_format_option_and_single_file(ray_local: None, inputs: Path, tmp_path: 
         (["frobnicate"], "invalid choice"),
     ],
     ids=[
-        "missing-src", "halo", "batch-size", "spot-check-rate", "skip-detail", "format", "src-is-dst",
+        "missing-src", "halo", "batch-size", "spot-check-rate", "skip-detail", "sha256-not-hex", "sha256-mismatch",
+        "format", "src-is-dst",
         "src-is-dst-spelled-differently", "missing-checkpoint", "command",
     ],  # fmt: skip
 )
@@ -234,3 +237,28 @@ def test_gpu_actors_on_a_local_ray_without_gpus_exit_2_instead_of_waiting(tmp_pa
     assert done.returncode == EXIT_USAGE, done.stderr[-3000:]
     assert "leave out --gpus-per-worker to run on the CPUs" in done.stderr, done.stderr[-3000:]
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+@pytest.mark.cluster
+def test_a_pinned_checkpoint_runs_when_its_digest_matches(
+    ray_local: None, tmp_path: Path, tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(photo(40, 40)).save(src / "x.png")
+    digest = hashlib.sha256(Path(tiny_checkpoint).read_bytes()).hexdigest().upper()  # any case
+    argv = ["upscale", str(src), str(tmp_path / "out"), "--checkpoint", tiny_checkpoint, "--checkpoint-sha256", digest]
+    assert main(argv) == EXIT_OK
+    assert (tmp_path / "out" / "x.png").exists()
+
+
+def test_a_model_worker_refuses_a_checkpoint_that_changed_after_the_driver_checked_it(tiny_checkpoint: str) -> None:
+    """The actors read the checkpoint again: each checks the digest itself."""
+    from model.checkpoint import CheckpointError
+    from pipeline.stages import TileWorker
+
+    with pytest.raises(CheckpointError, match="asks for 1111"):
+        TileWorker(checkpoint=tiny_checkpoint, checkpoint_sha256="1" * 64, device="cpu", precision="float32",
+                   batch_size=None, halo=4, threads=1)  # fmt: skip
