@@ -5,6 +5,7 @@ plans of absurd sizes still cover every pixel with tiles inside the image."""
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import zlib
 
@@ -135,7 +136,7 @@ def test_tile_plans_of_any_size_cover_every_pixel_with_tiles_inside(height: int,
     for length, starts in ((height, plan.ys), (width, plan.xs)):
         extent = max(length, 64)
         assert starts[0] == 0 and starts[-1] + 64 == extent
-        assert all(b - a <= 64 - 2 * halo for a, b in zip(starts, starts[1:]))  # no gap, the halo kept
+        assert all(b - a <= 64 - 2 * halo for a, b in itertools.pairwise(starts))  # no gap, the halo kept
         assert list(starts) == axis_starts(length, 64, halo)
     assert len(plan) == len(plan.ys) * len(plan.xs)
 
