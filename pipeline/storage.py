@@ -33,13 +33,26 @@ class InputFile:
     version: str  # S3: the ETag (quotes stripped); local/other: mtime as ISO 8601 UTC with microseconds
 
 
+# Attempts per S3 request, the first included: at 10 % of requests failing, 10 attempts all fail
+# once in 10^10 requests, and the backoff between them (up to 20 s) rides out a short outage.
+S3_MAX_ATTEMPTS = 10
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and its path for a local path or any fsspec URI (trailing '/' removed,
     local paths made absolute). s3:// is configured by the standard AWS environment variables alone;
     botocore itself reads AWS_ENDPOINT_URL (and AWS_ENDPOINT_URL_S3), so no endpoint is passed here.
     s3fs caches filesystems by constructor arguments, not by environment: a process that changes
-    those variables must call s3fs.S3FileSystem.clear_instance_cache()."""
-    return fsspec.core.url_to_fs(os.fspath(uri))
+    those variables must call s3fs.S3FileSystem.clear_instance_cache().
+
+    S3 requests that fail with 500/502/503/504, throttling (SlowDown) or a dropped connection are
+    retried with exponential backoff and jitter (botocore's "standard" mode), up to S3_MAX_ATTEMPTS
+    attempts; AWS_RETRY_MODE and AWS_MAX_ATTEMPTS, when set, are botocore's and take precedence."""
+    uri = os.fspath(uri)
+    if uri.startswith(("s3://", "s3a://")) and not {"AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"} & set(os.environ):
+        retries = {"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS}
+        return fsspec.core.url_to_fs(uri, config_kwargs={"retries": retries})
+    return fsspec.core.url_to_fs(uri)
 
 
 def list_inputs(src: str, *, exclude: Sequence[str] = ()) -> list[InputFile]:
