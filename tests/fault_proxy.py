@@ -19,6 +19,7 @@ import random
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 from urllib.parse import urlsplit
 
 FAULTS = ("500", "503-slowdown", "503-unavailable", "drop")
@@ -96,7 +97,7 @@ class FaultProxy:
             self.injected[fault] += 1
             return fault
 
-    def __enter__(self) -> FaultProxy:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

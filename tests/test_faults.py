@@ -43,7 +43,7 @@ def run_job(endpoint: str, src: str, dst: str, checkpoint: str) -> subprocess.Co
     try:
         return subprocess.run(
             [sys.executable, "jobs/upscale.py", src, dst, "--checkpoint", checkpoint, "--spot-check-rate", "0.5"],
-            cwd=REPO, env=env, capture_output=True, timeout=400,
+            cwd=REPO, env=env, capture_output=True, timeout=400, check=False,
         )  # fmt: skip
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
