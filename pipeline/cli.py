@@ -11,8 +11,10 @@
   isosr nightly SRC DST [--retry-failed] [--lease-ttl SECONDS] [the upscale options but
                         --skip-existing/--overwrite]
 
-Exit status: 0 when every input succeeded, 3 when some failed (listed), 2 on a usage error;
-isosr nightly: 4 when another nightly run holds DST's lease (nothing was done) or this run lost it.
+Exit status: 0 when every input succeeded, 3 when some failed (listed), 2 on a usage error, 5 when
+the storage kept failing after its retries (SRC could not be listed, or the run's records not
+written); isosr nightly: 4 when another nightly run holds DST's lease (nothing was done) or this
+run lost it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from model.tiling import DEFAULT_BATCH_SIZE, DEFAULT_HALO, DEFAULT_SKIP_DETAIL
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.quality import DEFAULT_SPOT_CHECK_RATE
 
-EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
+EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_STORAGE = 0, 2, 3, 5
 DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "camera")  # scikit-image's bundled photos (camera is grey)
 
 
@@ -437,6 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"isosr: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # what storage raises once its retries are spent (a missing SRC is exit 2 above)
+        from pipeline.storage import S3_MAX_ATTEMPTS
+
+        print(
+            f"isosr: storage error: {e} (S3 requests are tried up to {S3_MAX_ATTEMPTS} times). Outputs already "
+            "written are whole: run the same command again when the store answers, and it goes on from them",
+            file=sys.stderr,
+        )
+        return EXIT_STORAGE
 
 
 if __name__ == "__main__":

@@ -91,3 +91,26 @@ def test_storage_faults_are_retried_and_the_run_ends_as_a_fault_free_one(
     assert all(faulty_outputs[k] == clean_outputs[k] for k in clean_outputs), "an output differs byte for byte"
     everything = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
     assert all(k.split("/")[0] in ("in", "clean", "faulty") for k in everything), "written outside DST"
+
+
+def test_a_store_that_keeps_failing_ends_the_job_with_exit_5_and_one_line(
+    s3_bucket: tuple[str, object], s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every request fails and retries are spent: a readable error and exit 5, not a traceback."""
+    import s3fs
+
+    from pipeline.cli import EXIT_STORAGE, main
+
+    bucket, client = s3_bucket
+    client.put_object(Bucket=bucket, Key="in/a.png", Body=png(skimage.data.astronaut()[:64, :64]))
+    with FaultProxy(s3_endpoint, share=1.0) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # botocore's own variable: two attempts, not ten
+        s3fs.S3FileSystem.clear_instance_cache()
+        status = main(["upscale", f"s3://{bucket}/in", f"s3://{bucket}/out"])
+    s3fs.S3FileSystem.clear_instance_cache()
+    err = capsys.readouterr().err
+    assert status == EXIT_STORAGE, err
+    assert err.startswith("isosr: storage error: ") and "Traceback" not in err, err
+    assert sum(proxy.injected.values()) >= 2  # retried before giving up
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix="out/")  # nothing written
