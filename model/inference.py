@@ -117,17 +117,17 @@ class TileUpscaler:
     def __call__(self, tiles: np.ndarray, *, count: bool = True) -> np.ndarray:
         tiles = np.ascontiguousarray(tiles, dtype=np.float32)
         n, c, t, _ = tiles.shape
-        out = np.empty((n, c, t * self.scale, t * self.scale), dtype=np.float32)
         flat = tile_detail(tiles) <= self.skip_detail if self.skip_detail > 0 else np.zeros(n, dtype=bool)
+        parts: list[tuple[np.ndarray, np.ndarray]] = []  # (tile indices, their outputs)
         if flat.any():
-            out[flat] = self._skip_path(tiles[flat])
+            parts.append((np.flatnonzero(flat), self._skip_path(tiles[flat])))
         busy = np.flatnonzero(~flat)
         start = 0
         while start < len(busy):
             size = min(len(busy) - start, self.max_batch or len(busy))
             chosen = busy[start : start + size]
             try:
-                out[chosen] = self._network(tiles[chosen])
+                parts.append((chosen, self._network(tiles[chosen])))
             except torch.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -142,6 +142,11 @@ class TileUpscaler:
         if count:
             self.tiles_skipped += int(flat.sum())
             self.tiles_run += len(busy)
+        if len(parts) == 1:  # the usual case, every tile in one forward pass: no copy
+            return parts[0][1]
+        out = np.empty((n, c, t * self.scale, t * self.scale), dtype=np.float32)
+        for chosen, outputs in parts:
+            out[chosen] = outputs
         return out
 
     def _skip_path(self, tiles: np.ndarray) -> np.ndarray:
@@ -173,7 +178,9 @@ class ModelSource:
     description: str
 
 
-def load_model(checkpoint: str | None, *, untrained_variant: str | None = None, sha256: str | None = None) -> ModelSource:
+def load_model(
+    checkpoint: str | None, *, untrained_variant: str | None = None, sha256: str | None = None
+) -> ModelSource:
     """The checkpoint at `checkpoint`; else, with `untrained_variant`, that variant untrained (its
     last layer is 0, so its output is exactly bilinear upscaling); else the shipped default weights,
     or the untrained full network where they are missing (a checkout without model/weights/).

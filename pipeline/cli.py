@@ -440,11 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"isosr: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # what storage raises once its retries are spent (a missing SRC is exit 2 above)
-        from pipeline.storage import S3_MAX_ATTEMPTS
-
         print(
-            f"isosr: storage error: {e} (S3 requests are tried up to {S3_MAX_ATTEMPTS} times). Outputs already "
-            "written are whole: run the same command again when the store answers, and it goes on from them",
+            f"isosr: storage error: {e} (after retries). Outputs already written are whole: run the same "
+            "command again when the store answers, and it goes on from them",
             file=sys.stderr,
         )
         return EXIT_STORAGE
