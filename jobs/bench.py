@@ -22,6 +22,11 @@ Sections (all by default):
             reading and writing, as Real-ESRGAN's tiler works. Top-level JSON keys
             `pipeline_vs_ceiling` and `pipeline_vs_naive` are the ratios of output MP/s.
             Without --quick also the memory runs: peak memory with --scale-images times the photos.
+  shards    (only when named) peak memory while one Parquet shard of --shard-mb MB (incompressible
+            512x512 PNGs in row groups of 16 rows, 13 MB) goes through the pipeline, against one of a 16th of
+            its size. Tiles take the skip path (--skip-detail 255) and outputs are JPEG, so that it
+            takes minutes, not hours, on 2 cores: what is measured is the streaming of the shard
+            through reading, staging and writing; the model's memory is per actor, whatever the shard.
 
 Speed does not depend on the weights: `model` and `pipeline` use the untrained `--variant` (the full
 model by default); `halo` and `skip` judge quality, so they use the shipped default weights.
@@ -55,6 +60,7 @@ from model.config import variant
 from model.network import DenseIsoViT, parameter_count, pick_device, precision
 
 SECTIONS = ("model", "codecs", "halo", "skip", "precision", "pipeline")
+EXTRA_SECTIONS = ("shards",)  # run only when named: --sections shards
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")  # the pipeline's inputs
 # Quality sections: astronaut and coffee are held out of training; page (a scanned page), the Hubble
 # deep field (black sky) and the moon are what skipping is for (they were in the training set).
@@ -576,6 +582,59 @@ def pipeline_run(
     }
 
 
+def write_noise_shard(path: Path, megabytes: int, *, side: int = 512, group_rows: int = 16) -> dict[str, int]:
+    """A Parquet shard of about `megabytes` MB: incompressible PNGs (random pixels), an id and a caption
+    beside them, written a row group at a time. Returns its rows, bytes and decoded bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    schema = pa.schema([("id", pa.int64()), ("caption", pa.string()), ("image", pa.binary())])
+    rows = written = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(path, schema) as writer:
+        while written < megabytes * 1e6:
+            images = []
+            for _ in range(group_rows):
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG", compress_level=1)
+                images.append(buffer.getvalue())
+            ids = list(range(rows, rows + group_rows))
+            writer.write_table(pa.table({"id": ids, "caption": [f"noise {i}" for i in ids], "image": images}, schema=schema))
+            rows += group_rows
+            written += sum(len(b) for b in images)
+    return {"rows": rows, "file_bytes": path.stat().st_size, "decoded_bytes": rows * side * side * 3}
+
+
+def bench_shards(args: argparse.Namespace) -> dict[str, object]:
+    """Peak memory (PSS of this process and every Ray process) while a Parquet shard of --shard-mb MB,
+    and one of a 16th of that, go through `isosr upscale` on a local Ray."""
+    from pipeline.run import RunOptions, run
+
+    out: dict[str, object] = {"shard_mb": args.shard_mb, "runs": []}
+    for megabytes in (max(1, args.shard_mb // 16), args.shard_mb):
+        with tempfile.TemporaryDirectory(prefix="isosr-shards-", dir=args.workdir) as root:
+            shard = write_noise_shard(Path(root) / "in" / "shard.parquet", megabytes)
+            options = RunOptions(
+                src=f"{root}/in", dst=f"{root}/out", skip_detail=255.0, output_format="JPEG", skip_existing=False,
+                spot_check_rate=0.0,
+            )  # fmt: skip
+            with PeakMemory(interval=1.0) as sampler:
+                start = time.perf_counter()
+                result = run(options)
+                seconds = time.perf_counter() - start
+            counts = result.summary["counts"]
+            if counts["ok"] != shard["rows"]:
+                raise RuntimeError(f"shards benchmark: {counts}, {result.failed[:3]}")
+            row = {**shard, "seconds": round(seconds, 1), "peak_memory_mib": round(sampler.peak / 2**20),
+                   "output_mp": round(result.summary["megapixels_out"], 1)}  # fmt: skip
+            log(f"shard of {megabytes} MB: {row}")
+            out["runs"].append(row)
+    small, large = out["runs"]
+    out["growth_mib"] = large["peak_memory_mib"] - small["peak_memory_mib"]
+    return out
+
+
 def warm_up_ray_data() -> None:
     """Start what Ray Data starts once per cluster (its detached stats and autoscaling actors), as
     on a cluster that has run a job before: the timed runs then pay only for their own actors."""
@@ -760,6 +819,14 @@ def markdown(results: dict[str, object]) -> str:
                      f"**{p['pipeline_vs_ceiling']:.1%}**, pipeline / naive **{p['pipeline_vs_naive']:.2f}x**; largest "
                      f"pixel difference between the pipeline's and the naive baseline's outputs: "
                      f"{p['max_pixel_difference_vs_naive']}.")]  # fmt: skip
+    if "shards" in results:
+        r = results["shards"]
+        out += ["", "**One Parquet shard through the pipeline** (incompressible 512x512 PNGs, skip path, JPEG out):", ""]
+        out += _table(
+            ["shard", "rows", "decoded size", "seconds", "output MP", "peak memory (all processes, PSS)"],
+            [[f"{q['file_bytes'] / 1e6:,.0f} MB", q["rows"], f"{q['decoded_bytes'] / 2**20:,.0f} MiB", q["seconds"],
+              q["output_mp"], f"{q['peak_memory_mib']:,} MiB"] for q in r["runs"]],
+        )  # fmt: skip
     return "\n".join(out)
 
 
@@ -787,11 +854,13 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="halo and skip sections: a folder of photos, repeatable (default: scikit-image's)",
     )
+    parser.add_argument("--shard-mb", type=int, default=1024, help="shards section: the large shard's size (MB)")
+    parser.add_argument("--workdir", help="shards section: where the shards and outputs go (default: the temp dir)")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(sections) - set(SECTIONS))
+    unknown = sorted(set(sections) - set(SECTIONS) - set(EXTRA_SECTIONS))
     if unknown:
-        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS + EXTRA_SECTIONS)}")
     run = {
         "model": bench_model,
         "codecs": bench_codecs,
@@ -799,6 +868,7 @@ def main(argv: list[str] | None = None) -> int:
         "skip": bench_skip,
         "precision": bench_precision,
         "pipeline": bench_pipeline,
+        "shards": bench_shards,
     }
     info = machine()
     results: dict[str, object] = {"machine": info, "quick": args.quick}

@@ -3,11 +3,12 @@
   isosr upscale SRC DST [--address ADDR] [--checkpoint URI] [--checkpoint-sha256 HEX] [--min-workers N] [--max-workers N]
                         [--gpus-per-worker G] [--batch-size N] [--halo N] [--format F]
                         [--skip-existing | --overwrite] [--spot-check-rate R] [--max-pixels N]
-                        [--skip-detail LEVELS] [--compile]
+                        [--skip-detail LEVELS] [--compile] [--input-format images|parquet|webdataset]
+                        [--image-column NAME] [--key-column NAME] [--shard-rows N]
   isosr submit SRC DST --address http://HEAD:8265 [--wait] [--submission-id ID] [--env NAME]
                        [the upscale options but --address]
   isosr info [--checkpoint URI | --variant NAME]
-  isosr demo [--out DIR]
+  isosr demo [--out DIR] [--shards parquet|webdataset]
   isosr nightly SRC DST [--retry-failed] [--lease-ttl SECONDS] [the upscale options but
                         --skip-existing/--overwrite]
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from model.tiling import DEFAULT_BATCH_SIZE, DEFAULT_HALO, DEFAULT_SKIP_DETAIL
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.quality import DEFAULT_SPOT_CHECK_RATE
+from pipeline.shards import DEFAULT_SHARD_ROWS, INPUT_FORMATS
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_STORAGE = 0, 2, 3, 5
 DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "camera")  # scikit-image's bundled photos (camera is grey)
@@ -136,6 +138,31 @@ def _add_run_options(parser: argparse.ArgumentParser, *, ray_address: bool = Tru
         help="GPUs each model actor reserves (default: 1 if the cluster has GPUs now, else 0). Given, it asks for GPU "
         "actors even before any GPU node is up, so that an autoscaling cluster adds them",
     )
+    shard = parser.add_argument_group("image shards (Parquet, WebDataset)")
+    shard.add_argument(
+        "--input-format",
+        choices=INPUT_FORMATS,
+        help="what SRC holds: loose image files, Parquet shards (.parquet) with a column of image bytes, or WebDataset "
+        "tar shards (.tar); default: detected from what is under SRC. Shards are written back as shards of the same kind",
+    )
+    shard.add_argument(
+        "--image-column",
+        metavar="NAME",
+        help="Parquet: the column of image bytes (binary, or a struct with 'bytes' as Hugging Face writes images); "
+        "WebDataset: the image entry's extension, e.g. jpg. Default: the first that holds images",
+    )
+    shard.add_argument(
+        "--key-column",
+        metavar="NAME",
+        help="Parquet: the column that names each row; the manifest's key is <shard>#<that name> (default: "
+        "<shard>#<row index>)",
+    )
+    shard.add_argument(
+        "--shard-rows",
+        type=_positive,
+        default=DEFAULT_SHARD_ROWS,
+        help=f"rows per output shard file; a longer shard continues in <name>-part-00001 ... (default {DEFAULT_SHARD_ROWS})",
+    )
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument(
         "--skip-existing",
@@ -199,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="upscale scikit-image's sample photos into a local folder")
     demo.add_argument(
         "--out", type=Path, default=Path("isosr-demo"), help="folder for input/ and output/ (default ./isosr-demo)"
+    )
+    demo.add_argument(
+        "--shards",
+        choices=["parquet", "webdataset"],
+        help="put the photos in one image shard of this kind first (in OUT/<kind>/input/) and upscale that "
+        "into OUT/<kind>/output/",
     )
     _add_run_options(demo)
 
@@ -276,6 +309,10 @@ def _run_options(args: argparse.Namespace, src: str, dst: str, **overrides: obje
         "precision": args.precision,
         "skip_detail": args.skip_detail,
         "compile": args.compile,
+        "input_format": args.input_format,
+        "image_column": args.image_column,
+        "key_column": args.key_column,
+        "shard_rows": args.shard_rows,
     }
     return RunOptions(**(values | overrides))
 
@@ -314,6 +351,10 @@ def _upscale_args(args: argparse.Namespace, checkpoint: str | None) -> list[str]
         "--gpus-per-worker": args.gpus_per_worker,
         "--spot-check-rate": args.spot_check_rate,
         "--skip-detail": args.skip_detail,
+        "--input-format": args.input_format,
+        "--image-column": args.image_column,
+        "--key-column": args.key_column,
+        "--shard-rows": args.shard_rows,
     }
     out = [token for flag, value in values.items() if value is not None for token in (flag, str(value))]
     out += ["--compile"] if args.compile else []
@@ -367,9 +408,41 @@ def write_demo_inputs(folder: Path) -> list[Path]:
     return paths
 
 
+def write_demo_shard(folder: Path, kind: str) -> Path:
+    """The demo photos as one image shard in `folder`: a Parquet file (name, caption, image bytes) or a
+    WebDataset tar (<name>.png and <name>.txt per sample)."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    photos = write_demo_inputs(folder.parent / "photos")
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [p.stem for p in photos]
+    captions = [f"scikit-image sample photo '{n}'" for n in names]
+    if kind == "parquet":
+        path = folder / "photos.parquet"
+        table = pa.table({"name": names, "caption": captions, "image": [p.read_bytes() for p in photos]})
+        pq.write_table(table, path)
+        return path
+    path = folder / "photos.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, caption, photo in zip(names, captions, photos, strict=True):
+            for entry, data in ((f"{name}.png", photo.read_bytes()), (f"{name}.txt", caption.encode())):
+                info = tarfile.TarInfo(entry)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    inputs, outputs = args.out / "input", args.out / "output"
-    write_demo_inputs(inputs)
+    if args.shards:
+        inputs, outputs = args.out / args.shards / "input", args.out / args.shards / "output"
+        write_demo_shard(inputs, args.shards)
+    else:
+        inputs, outputs = args.out / "input", args.out / "output"
+        write_demo_inputs(inputs)
     status = _run(args, str(inputs), str(outputs))
     print(f"demo: inputs in {inputs.resolve()}, x4 outputs in {outputs.resolve()}")
     return status

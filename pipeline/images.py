@@ -50,6 +50,16 @@ def output_format(key: str, requested: str | None = None) -> str:
     return "PNG" if fmt == "GIF" else fmt
 
 
+def output_format_of(decoded_format: str, requested: str | None = None) -> str:
+    """The format an image known only by its bytes is written in (a shard's row has no suffix):
+    `requested`, else the format Pillow decoded when isosr writes it (MPO, JPEG's multi-picture
+    variant, as JPEG; GIF as PNG, as for files), else PNG."""
+    if requested:
+        return requested
+    fmt = {"MPO": "JPEG"}.get(decoded_format, decoded_format)
+    return fmt if fmt in OUTPUT_SUFFIX and fmt != "GIF" else "PNG"
+
+
 class DecodeError(ValueError):
     """An input that is not a usable image; the message says why."""
 
@@ -126,7 +136,9 @@ def encode(pixels: np.ndarray, fmt: str, *, icc_profile: bytes | None = None, qu
     fmt = "PNG" if fmt == "GIF" else fmt
     h, w = pixels.shape[:2]
     if max(h, w) > _MAX_SIDE.get(fmt, max(h, w)):
-        raise ValueError(f"{fmt} cannot hold {w}x{h} pixels (at most {_MAX_SIDE[fmt]} per side); choose --format png or tiff")
+        raise ValueError(
+            f"{fmt} cannot hold {w}x{h} pixels (at most {_MAX_SIDE[fmt]} per side); choose --format png or tiff"
+        )
     img = Image.fromarray(pixels)
     if fmt in ("JPEG", "BMP") and img.mode in ("LA", "RGBA"):
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))

@@ -1,6 +1,7 @@
 """The run manifest: one row per input, whatever happened to it.
 
-Written to DST/_isosr/runs/<run_id>/manifest.parquet. Write tasks also leave their rows in
+Written to DST/_isosr/runs/<run_id>/manifest.parquet. For image shards, one row per row of each
+shard processed, keyed by (shard, key), and one row for a shard skipped or unreadable as a whole. Write tasks also leave their rows in
 DST/_isosr/runs/<run_id>/parts/ as they go, so the rows of a run that dies are not lost.
 """
 
@@ -14,7 +15,9 @@ SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
         ("source", pa.string()),  # full URI of the input
-        ("key", pa.string()),  # its path relative to SRC, '/'-separated
+        ("key", pa.string()),  # its path relative to SRC, '/'-separated; a shard's row: see shard
+        ("shard", pa.string()),  # image shards (pipeline.shards): the shard's key; null for loose files
+        ("row_index", pa.int64()),  # the row's position in its shard (null: the row of the whole shard)
         ("size_bytes", pa.int64()),
         ("source_version", pa.string()),  # the object's ETag, or the file's mtime (ISO 8601, UTC)
         ("status", pa.string()),  # ok | failed | skipped

@@ -60,10 +60,20 @@ from typing import Any, TextIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import shards, storage
 from pipeline.lease import Lease, LeaseLost, LeaseUnreadable, speaks
 from pipeline.manifest import FAILED, OK, SKIPPED
-from pipeline.run import RunOptions, RunResult, UsageError, execute, new_run_id, output_of, plan_inputs, prepare
+from pipeline.run import (
+    RunOptions,
+    RunResult,
+    UsageError,
+    execute,
+    new_run_id,
+    output_of,
+    plan_inputs,
+    prepare,
+    resolve_inputs,
+)
 from pipeline.sink import RunPaths
 
 EXIT_LEASE = 4
@@ -150,7 +160,7 @@ def nightly(options: NightlyOptions, *, log: TextIO | None = None) -> NightlyRes
                 f"{r['planned'] - r['done']} are left to redo",
                 file=log,
             )
-        inputs = storage.list_inputs(run_options.src, exclude=[dst])
+        run_options, inputs = resolve_inputs(run_options)
         changes = diff(
             inputs,
             state.records,
@@ -186,7 +196,10 @@ def nightly(options: NightlyOptions, *, log: TextIO | None = None) -> NightlyRes
             )
         committed = bool(todo or clashes or recovered or changes.gone)
         if committed:
-            commit(dst, state, run_id, result.manifest, keep={f.key for f in inputs}, model_version=source.version)
+            listed = {f.key: {"size_bytes": f.size, "source_version": f.version, "output": output_of(run_options, f.key)[1]}
+                      for f in inputs}  # fmt: skip
+            outcomes = shards.by_input(result.manifest.to_pylist(), listed)
+            commit(dst, state, run_id, outcomes, keep=set(listed), model_version=source.version)
     return NightlyResult(result, notes["nightly"], committed)
 
 
@@ -350,12 +363,13 @@ def recover(dst: str, state: State) -> list[dict[str, Any]]:
         plan = {r["key"]: r for r in _read_table(f"{state_dir(dst)}/plan-{run_id}.parquet").to_pylist()}
         done: dict[str, dict[str, Any]] = {}
         rows, how = _run_rows(paths)
-        for row in rows:
+        for row in shards.by_input(rows, plan):
             p = plan.get(row["key"])
             if p is not None and row["status"] in (OK, FAILED):
                 done[row["key"]] = _record(p, status=row["status"], error=row["error"], run_id=run_id, recovered=how)
         from_records = len(done)
-        missing = [p for key, p in plan.items() if key not in done]
+        # A shard's first output file says nothing of the others: only its rows' records count.
+        missing = [p for key, p in plan.items() if key not in done and shards.kind_of(key) == shards.IMAGES]
         if missing:
             if outputs is None:
                 outputs = _files_modified(dst)
@@ -381,13 +395,18 @@ def recover(dst: str, state: State) -> list[dict[str, Any]]:
     return summaries
 
 
-def commit(dst: str, state: State, run_id: str, manifest: pa.Table, *, keep: set[str], model_version: str) -> str:
+def commit(
+    dst: str, state: State, run_id: str, outcomes: list[dict[str, Any]], *, keep: set[str], model_version: str
+) -> str:
     """Write the new snapshot: the records of inputs still under SRC (`keep`), updated with this run's
-    ok and failed rows; then delete the folded plans and old snapshots. Returns the snapshot's URI."""
+    ok and failed outcomes (manifest rows, a shard's as one: shards.by_input); then delete the folded
+    plans and old snapshots. Returns the snapshot's URI."""
     records = {k: r for k, r in state.records.items() if k in keep}
-    for row in manifest.to_pylist():
+    for row in outcomes:
         if row["status"] in (OK, FAILED):
-            records[row["key"]] = _record(row, status=row["status"], error=row["error"], run_id=run_id, recovered=None)
+            records[row["key"]] = _record(
+                row, status=row["status"], error=row.get("error"), run_id=run_id, recovered=None
+            )
             records[row["key"]]["model_sha256"] = model_version  # a row that failed before the model has none
     uri = f"{state_dir(dst)}/snapshot-{run_id}.parquet"
     _write_table(uri, pa.Table.from_pylist(sorted(records.values(), key=lambda r: r["key"]), schema=STATE_SCHEMA))

@@ -9,6 +9,7 @@ still being read, and memory is bounded by the pipeline's depth, not the dataset
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -24,11 +25,11 @@ import pyarrow.parquet as pq
 import ray
 
 from model.tiling import DEFAULT_HALO, DEFAULT_SKIP_DETAIL
-from pipeline import quality, storage
+from pipeline import quality, shards, storage
 from pipeline.images import DEFAULT_MAX_PIXELS, output_format, output_suffix
 from pipeline.manifest import FAILED, OK, SKIPPED, table
 from pipeline.report import Crop, Thresholds, render_html, summarize
-from pipeline.sink import Assembler, ImageSink, RunPaths
+from pipeline.sink import Assembler, ImageSink, RunPaths, assembled_rows
 from pipeline.stages import TileWorker, decode_stage, finish_stage
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 MAX_REPORT_CROPS = 12
 FINISH_CPUS = 0.5  # quality checks + encoding (and the writes fused with them), per task
+ROW_BLOCK_BYTES = 4 * 2**20  # Ray Data blocks: one row of work each (see build_dataset)
 
 
 class UsageError(ValueError):
@@ -63,6 +65,10 @@ class RunOptions:
     precision: str = "auto"
     skip_detail: float = DEFAULT_SKIP_DETAIL  # tiles with less detail skip the network; 0: none do
     compile: bool = False  # torch.compile the network in each actor
+    input_format: str | None = None  # images | parquet | webdataset; None: detected from SRC (resolve_inputs)
+    image_column: str | None = None  # shards: the column (Parquet) or extension (WebDataset) of the image
+    key_column: str | None = None  # Parquet: the column of row keys (manifest key "<shard>#<row key>"); None: row index
+    shard_rows: int = shards.DEFAULT_SHARD_ROWS  # rows per output shard file
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
@@ -154,6 +160,16 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
+def resolve_inputs(options: RunOptions) -> tuple[RunOptions, list[storage.InputFile]]:
+    """SRC's listing, and the options with its input format settled (detected when not given).
+    Raises FileNotFoundError for a missing SRC and UsageError for a SRC that mixes kinds of input."""
+    try:
+        fmt, inputs = shards.list_src(options.src, options.dst, options.input_format)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return dataclasses.replace(options, input_format=fmt), inputs
+
+
 def plan_inputs(
     options: RunOptions,
     run_id: str,
@@ -162,13 +178,15 @@ def plan_inputs(
     only: set[str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(rows to process, manifest rows settled without processing: skipped, or failed because another
-    input already claims the same output) for every image under SRC.
+    input already claims the same output) for every input under SRC: image files, or image shards
+    when options.input_format says so (settled by resolve_inputs).
 
     `inputs`: SRC's listing, when the caller has it (default: list SRC). `only`: plan just these keys
     (isosr nightly: the new and changed ones); the outputs of the other inputs still count as claimed,
     first, so that a new input never takes over the output of one processed before."""
     if inputs is None:
-        inputs = storage.list_inputs(options.src, exclude=[options.dst])
+        options, inputs = resolve_inputs(options)
+    sharded = options.input_format in (shards.PARQUET, shards.WEBDATASET)
     existing = storage.list_files(options.dst) if options.skip_existing else set()
     todo, settled = [], []
     claimed: dict[str, str] = {}  # output path -> the key that writes it
@@ -186,17 +204,25 @@ def plan_inputs(
             "source_version": f.version,
             "output": out,
             "out_format": fmt,
+            "shard": f.key if sharded else None,
         }
         path = storage.filesystem(out)[1]
-        if path in claimed:  # e.g. x.gif and x.png both become x.png; x.jpg and x.png with --format png
+        record = shards.finished_record(options.dst, f, existing) if sharded and options.skip_existing else None
+        if record is not None:
+            settled.append(shards.skipped_row(f, record, run_id))
+        elif path in claimed:  # e.g. x.gif and x.png both become x.png; x.jpg and x.png with --format png
             error = f"its output {out} is already the output of {claimed[path]}; rename one of them"
             settled.append({**row, "run_id": run_id, "status": FAILED, "error": error})
-        elif path in existing:
-            settled.append({**row, "run_id": run_id, "status": SKIPPED, "error": "output exists (use --overwrite to redo)"})
+        elif path in existing and not sharded:  # a shard's output is judged by its record, above
+            settled.append(
+                {**row, "run_id": run_id, "status": SKIPPED, "error": "output exists (use --overwrite to redo)"}
+            )
         else:
             todo.append(row)
         claimed.setdefault(path, f.key)
-    sample = quality.choose_sample([r["key"] for r in todo], options.spot_check_rate)
+    # A shard's rows are sampled as they are read; here one shard is chosen whose first row is checked
+    # in any case, so that a run has at least one spot check.
+    sample = quality.choose_sample([r["key"] for r in todo], 0.0 if sharded else options.spot_check_rate)
     for row in todo:
         row["spot_check"] = row["key"] in sample
     # Largest first: the last inputs to finish are then small ones, so no actor sits idle for long
@@ -205,23 +231,62 @@ def plan_inputs(
     return todo, settled
 
 
-def output_of(options: RunOptions, key: str) -> tuple[str, str]:
-    """(output format, output URI) of the input at `key`."""
+def output_of(options: RunOptions, key: str) -> tuple[str | None, str]:
+    """(output format, output URI) of the input at `key`; a shard's first output file has its
+    relative name, and its rows' format is each image's own (None here) unless --format says."""
+    if options.input_format in (shards.PARQUET, shards.WEBDATASET):
+        return options.output_format, storage.join(options.dst, key)
     fmt = output_format(key, options.output_format)
     return fmt, storage.join(options.dst, storage.with_suffix(key, output_suffix(key, fmt)))
 
 
-def build_dataset(rows: list[dict[str, Any]], options: RunOptions, *, tile: int, scale: int, placement: Placement):
-    """All map_batches wiring in one place: resources are set here, where the pipeline is assembled."""
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+def build_dataset(
+    rows: list[dict[str, Any]],
+    options: RunOptions,
+    *,
+    tile: int,
+    scale: int,
+    placement: Placement,
+    assembler: Any = None,
+):
+    """All map_batches wiring in one place: resources are set here, where the pipeline is assembled.
+    `assembler`: the run's Assembler, which the readers of image shards tell how many rows they read."""
+    # Ray Data packs a task's outputs into blocks of up to DataContext.target_max_block_size (128 MiB)
+    # before it hands them on: a shard's reader would then pass ~10 rows per block, and every stage
+    # after it hold them all at once (measured: 1.2 GB per model actor for 512x512 rows, against
+    # ~0.5 GB). Blocks of a few MiB are one row each, as for loose files. The dataset keeps a copy
+    # of the context made here, so the caller's own context is left as it was.
+    context = ray.data.DataContext.get_current()
+    saved, context.target_max_block_size = context.target_max_block_size, ROW_BLOCK_BYTES
+    try:
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    finally:
+        context.target_max_block_size = saved
+    decode = {
+        "tile": tile,
+        "scale": scale,
+        "halo": options.halo,
+        "max_tiles": options.max_tiles,
+        "max_pixels": options.max_pixels,
+    }
+    if options.input_format in (shards.PARQUET, shards.WEBDATASET):
+        # A generator: each shard streams out row by row, and Ray Data's back-pressure on streaming
+        # generators pauses the reader while its rows wait downstream.
+        stage, kwargs = shards.read_stage, {
+            "fmt": options.input_format, "image_column": options.image_column, "key_column": options.key_column,
+            "output_format": options.output_format, "spot_check_rate": options.spot_check_rate,
+            "assembler": assembler, "decode": decode,
+        }  # fmt: skip
+    else:
+        stage, kwargs = decode_stage, decode
     ds = ds.map_batches(
-        decode_stage,
+        stage,
         batch_size=1,
         batch_format="pyarrow",
         # A quarter CPU: decoding is light. Resources unlike the model actor's (which holds 1 or 0.5)
         # also keep Ray from fusing decoding into the actor, which would pin an image's bands to it.
         num_cpus=0.25,
-        fn_kwargs={"tile": tile, "scale": scale, "halo": options.halo, "max_tiles": options.max_tiles, "max_pixels": options.max_pixels},
+        fn_kwargs=kwargs,
     )
     ds = ds.map_batches(
         TileWorker,
@@ -250,7 +315,9 @@ def build_dataset(rows: list[dict[str, Any]], options: RunOptions, *, tile: int,
             "compile": options.compile,
         },
     )
-    return ds.map_batches(finish_stage, batch_size=1, batch_format="pyarrow", num_cpus=FINISH_CPUS, fn_kwargs={"scale": scale})
+    return ds.map_batches(
+        finish_stage, batch_size=1, batch_format="pyarrow", num_cpus=FINISH_CPUS, fn_kwargs={"scale": scale}
+    )
 
 
 def _cluster_address(options: RunOptions) -> str | None:
@@ -283,8 +350,12 @@ def run(options: RunOptions, *, log: TextIO | None = None) -> RunResult:
     started = time.perf_counter()
     source = prepare(options)
     run_id = new_run_id()
-    todo, settled = plan_inputs(options, run_id)
-    print(f"isosr: run {run_id}: {len(todo)} inputs to upscale, {len(settled)} settled before starting (outputs exist, or clash)", file=log)
+    options, inputs = resolve_inputs(options)
+    todo, settled = plan_inputs(options, run_id, inputs=inputs)
+    print(
+        f"isosr: run {run_id}: {len(todo)} inputs to upscale, {len(settled)} settled before starting (outputs exist, or clash)",
+        file=log,
+    )
     return execute(options, source=source, run_id=run_id, todo=todo, settled=settled, started=started, log=log)
 
 
@@ -329,13 +400,23 @@ def execute(
             # Only a local Ray that this run started itself is known not to grow.
             fixed = started_ray and not _cluster_address(options)
             placement = place(options, ray.cluster_resources(), fixed=fixed)
-            assembler = Assembler.remote(paths=paths, thresholds=options.thresholds)
+            assembler = Assembler.remote(
+                paths=paths,
+                thresholds=options.thresholds,
+                input_format=options.input_format,
+                shard_rows=options.shard_rows,
+            )
             sink = ImageSink(paths=paths, thresholds=options.thresholds, assembler=assembler)
-            ds = build_dataset(todo, options, tile=config.tile_size, scale=config.scale, placement=placement)
+            ds = build_dataset(
+                todo, options, tile=config.tile_size, scale=config.scale, placement=placement, assembler=assembler
+            )
             # Writes ask what the encode stage asks, so Ray fuses the two: no extra hand-off of the
             # encoded bytes through the object store.
             ds.write_datasink(sink, ray_remote_args={"num_cpus": FINISH_CPUS})
-            rows = sink.rows + ray.get(assembler.results.remote())
+            rows = sink.rows + assembled_rows(assembler)
+            lost = ray.get(assembler.unfinished.remote())
+            if lost:  # never expected: Ray Data re-runs lost tasks; a row said so beats a row missing
+                raise RuntimeError(f"shards not completed although the pipeline finished: {lost}")
     finally:
         # Nothing of the run outlives it: on a cluster that stays up, an actor left behind would keep
         # its node from going idle and being given back. (Ray Data ends its model actors itself.)
@@ -364,7 +445,11 @@ def write_run_files(paths: RunPaths, manifest: pa.Table, summary: dict[str, Any]
     for row in manifest.filter(pc.equal(manifest["spot_check"], True)).to_pylist()[:MAX_REPORT_CROPS]:
         if row["status"] == OK and storage.exists(paths.crop(row["key"], "before")):
             crops.append(
-                Crop(row["key"], storage.read_bytes(paths.crop(row["key"], "before")), storage.read_bytes(paths.crop(row["key"], "after")))
+                Crop(
+                    row["key"],
+                    storage.read_bytes(paths.crop(row["key"], "before")),
+                    storage.read_bytes(paths.crop(row["key"], "after")),
+                )
             )
     storage.write_atomic(f"{paths.run_dir}/report.html", render_html(summary, manifest, crops).encode())
 
@@ -379,7 +464,9 @@ def summary_lines(result: RunResult) -> list[str]:
         f"{s['megapixels_in']:.2f} MP in -> {s['megapixels_out']:.2f} MP out in {s['seconds']:.1f} s ({rate:.2f} output MP/s)",
     ]
     if s["tiles"]["skipped"]:
-        lines.append(f"tiles: {s['tiles']['total']:,}, of them {s['tiles']['skipped']:,} flat ones upscaled without the network")
+        lines.append(
+            f"tiles: {s['tiles']['total']:,}, of them {s['tiles']['skipped']:,} flat ones upscaled without the network"
+        )
     cp = s["consistency_psnr"]
     if cp["n"]:
         lines.append(f"consistency PSNR: min {_db(cp['min'])}, median {_db(cp['median'])} over {cp['n']} images")

@@ -21,7 +21,7 @@ import ray
 from ray.data import Datasink
 from ray.data.datasource.datasink import WriteResult
 
-from pipeline import quality, storage
+from pipeline import quality, shards, storage
 from pipeline.images import encode
 from pipeline.manifest import COLUMNS, FAILED, OK, table
 from pipeline.report import LOW_CONSISTENCY, Thresholds
@@ -43,6 +43,10 @@ class RunPaths:
     def staging(self, key: str, index: int) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         return f"{self.run_dir}/staging/{digest}/{index:05d}.npy"
+
+    def shard_row(self, shard: str, index: int) -> str:
+        digest = hashlib.sha256(shard.encode()).hexdigest()[:24]
+        return f"{self.run_dir}/staging/shards/{digest}/{index:09d}.arrow"
 
     def crop(self, key: str, which: str) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -147,6 +151,9 @@ class ImageSink(Datasink[list[dict[str, Any]]]):
             meta["write_s"] = time.perf_counter() - started
             ray.get(self.assembler.part_done.remote(meta))
             return None
+        if row["shard"] is not None:
+            self._stage_shard_row(row, started)
+            return None
         if row["status"] != OK:
             out = manifest_row(row, run_id=run_id, thresholds=self.thresholds)
             metrics.record(out)
@@ -168,19 +175,43 @@ class ImageSink(Datasink[list[dict[str, Any]]]):
         metrics.record(out)
         return out
 
+    def _stage_shard_row(self, row: dict[str, Any], started: float) -> None:
+        """A row of an image shard: staged for its shard's assembly (the Assembler is told), which
+        writes its manifest row once the output shard is written."""
+        if row["status"] == OK:
+            values = {
+                "out_bytes": len(row["data"]),
+                "consistency_psnr": quality.psnr_from_sse(row["consistency_sse"], row["consistency_n"]),
+            }
+        else:
+            values = {}
+        out = manifest_row(row, run_id=self.paths.run_id, thresholds=self.thresholds, **values)
+        data = row["data"] if row["status"] == OK else row["payload"]  # a failed row passes through as it came
+        storage.write_atomic(
+            self.paths.shard_row(row["shard"], int(row["row_index"])), shards.staged_row({**row, **out}, data)
+        )
+        out["write_s"] = time.perf_counter() - started
+        ray.get(self.assembler.row_done.remote(out))
+
     def on_write_complete(self, write_result: WriteResult[list[dict[str, Any]]]) -> None:
         self.rows = [row for rows in write_result.write_returns for row in rows]
 
 
 @ray.remote(num_cpus=0)
 class Assembler:
-    """Counts the staged bands of each large image; when the last arrives, starts the one task
-    that assembles, encodes and writes that image. One per run, so each image is assembled once."""
+    """One per run, so that each large image and each shard is assembled once. Counts the staged
+    bands of each large image and, when the last arrives, starts the task that assembles, encodes and
+    writes it; counts the staged rows of each image shard and, once its reader has said how many
+    there are and all are staged, starts the task that writes its output shards (pipeline.shards)."""
 
-    def __init__(self, *, paths: RunPaths, thresholds: Thresholds) -> None:
+    def __init__(self, *, paths: RunPaths, thresholds: Thresholds, input_format: str, shard_rows: int) -> None:
         self.paths = paths
         self.thresholds = thresholds
+        self.input_format = input_format
+        self.shard_rows = shard_rows
         self.parts: dict[str, dict[int, dict[str, Any]]] = {}
+        self.shards: dict[str, dict[str, Any]] = {}  # shard key -> {"rows": {index: manifest row}, "read": meta}
+        self.assembled: set[str] = set()  # shards handed to assemble_shard (a retried reader reports twice)
         self.tasks: list[ray.ObjectRef] = []
 
     def part_done(self, meta: dict[str, Any]) -> None:
@@ -189,17 +220,61 @@ class Assembler:
         if len(parts) == int(meta["piece_count"]):
             ordered = [parts[i] for i in range(len(parts))]
             del self.parts[meta["key"]]
-            self.tasks.append(assemble.remote(self.paths, self.thresholds, ordered))
+            me = ray.get_runtime_context().current_actor
+            self.tasks.append(assemble.remote(self.paths, self.thresholds, ordered, me))
 
-    def results(self) -> list[dict[str, Any]]:
-        """Manifest rows of every assembled image (waits for the assembly tasks)."""
-        return ray.get(self.tasks)
+    def row_done(self, row: dict[str, Any]) -> None:
+        """A shard's row is staged; `row` is its manifest row, without its output yet."""
+        if row["shard"] in self.assembled:  # a retried reader's repeat of a row already written
+            return
+        self.shards.setdefault(row["shard"], {"rows": {}, "read": None})["rows"][int(row["row_index"])] = row
+        self._maybe_assemble(row["shard"])
+
+    def shard_read(self, meta: dict[str, Any]) -> None:
+        """A shard's reader is done: meta is its listing row plus rows (how many it yielded), error,
+        and for Parquet its schema and image column."""
+        if meta["key"] in self.assembled:
+            return
+        self.shards.setdefault(meta["key"], {"rows": {}, "read": None})["read"] = meta
+        self._maybe_assemble(meta["key"])
+
+    def _maybe_assemble(self, key: str) -> None:
+        shard = self.shards[key]
+        meta = shard["read"]
+        if key in self.assembled or meta is None or len(shard["rows"]) < meta["rows"]:
+            return
+        self.assembled.add(key)
+        rows = [shard["rows"][i] for i in range(meta["rows"])]
+        del self.shards[key]
+        self.tasks.append(assemble_shard.remote(self.paths, self.input_format, self.shard_rows, meta, rows))
+
+    def pending(self) -> list[ray.ObjectRef]:
+        """The assembly tasks started since the last call (each returns its manifest rows). Assembling
+        a band of a shard's row starts its shard's assembly: call until it returns none."""
+        tasks, self.tasks = self.tasks, []
+        return tasks
+
+    def unfinished(self) -> list[str]:
+        """Shards that never completed (none, unless a reader or a write was lost)."""
+        return sorted(self.shards)
+
+
+def assembled_rows(assembler: ray.actor.ActorHandle) -> list[dict[str, Any]]:
+    """Wait for every assembly the run started (see Assembler.pending); their manifest rows."""
+    rows = []
+    while tasks := ray.get(assembler.pending.remote()):
+        rows += [row for done in ray.get(tasks) for row in done]
+    return rows
 
 
 @ray.remote(num_cpus=1)
-def assemble(paths: RunPaths, thresholds: Thresholds, parts: list[dict[str, Any]]) -> dict[str, Any]:
+def assemble(
+    paths: RunPaths, thresholds: Thresholds, parts: list[dict[str, Any]], assembler: ray.actor.ActorHandle
+) -> list[dict[str, Any]]:
     """Stack the bands of one image (each read once into the final array, so the task holds the
-    output and no more), encode, write; return its manifest row. A band that failed fails the image."""
+    output and no more), encode, write; return its manifest row. A band that failed fails the image.
+    The row of an image shard is staged for its shard instead (and no row returned: the shard's own
+    assembly returns it)."""
     first = parts[0]
     started = time.perf_counter()
     failed = next((m for m in parts if m["status"] != OK), None)
@@ -215,7 +290,8 @@ def assemble(paths: RunPaths, thresholds: Thresholds, parts: list[dict[str, Any]
             out[row_at : row_at + band.shape[0]] = band
             row_at += band.shape[0]
         data = encode(out, first["out_format"], icc_profile=first["icc"])
-        storage.write_atomic(first["output"], data)
+        if first["shard"] is None:
+            storage.write_atomic(first["output"], data)
     except Exception as e:  # noqa: BLE001 - one image's failure is its row, never the run's
         row = manifest_row(first, run_id=paths.run_id, thresholds=thresholds, status=FAILED, error=str(e))
     else:
@@ -235,6 +311,49 @@ def assemble(paths: RunPaths, thresholds: Thresholds, parts: list[dict[str, Any]
             **{k: first.get(k) for k in RT_SCORES},
         )
     storage.remove(paths.staging(first["key"], 0).rsplit("/", 1)[0])
+    if first["shard"] is not None:
+        data = data if row["status"] == OK else first["payload"]
+        storage.write_atomic(
+            paths.shard_row(first["shard"], int(first["row_index"])), shards.staged_row({**first, **row}, data)
+        )
+        ray.get(assembler.row_done.remote(row))
+        return []
     _Metrics.get().record(row)
     write_rows(paths, [row])
-    return row
+    return [row]
+
+
+@ray.remote(num_cpus=1)
+def assemble_shard(
+    paths: RunPaths, input_format: str, shard_rows: int, meta: dict[str, Any], rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Write one shard's output files from its staged rows, then its shard record; return the manifest
+    rows of its rows, each naming the file that holds it. A shard that could not be read, or whose
+    output cannot be written, is one failed row."""
+    started = time.perf_counter()
+    error = meta["error"]
+    if error is None:
+        try:
+            staged = [paths.shard_row(meta["key"], int(r["row_index"])) for r in rows]
+            files = shards.write_shard(input_format, meta, staged, shard_rows)
+        except Exception as e:  # noqa: BLE001 - one shard's failure is its row, never the run's
+            error = f"cannot write its output shard: {type(e).__name__}: {e}"
+    if error is not None:
+        if rows:
+            error += f" ({len(rows)} rows read before this are not written)"
+        rows = [{"run_id": paths.run_id, "source": meta["source"], "key": meta["key"], "shard": meta["key"],
+                 "size_bytes": meta["size_bytes"], "source_version": meta["source_version"], "status": FAILED,
+                 "error": error}]  # fmt: skip
+    else:
+        seconds = (time.perf_counter() - started) / max(1, len(rows))
+        for i, row in enumerate(rows):
+            row["output"] = files[i // shard_rows] if row["status"] == OK else None
+            row["write_s"] = (row.get("write_s") or 0.0) + seconds
+        model = next((r["model_sha256"] for r in rows if r.get("model_sha256")), None)
+        failed = sum(r["status"] != OK for r in rows)
+        shards.write_record(paths.dst, meta, outputs=files, run_id=paths.run_id, failed_rows=failed, model=model)
+    storage.remove(paths.shard_row(meta["key"], 0).rsplit("/", 1)[0])
+    for row in rows:
+        _Metrics.get().record(row)
+    write_rows(paths, rows)
+    return rows

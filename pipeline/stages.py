@@ -9,7 +9,9 @@ assembles them. A row that failed carries status "failed" and its error through 
 
 Columns, by the stage that adds them ("array" = an .npy-encoded ndarray in a binary column,
 loaded with allow_pickle=False):
-  listing  source, key, size_bytes, source_version, output, out_format, spot_check
+  listing  source, key, size_bytes, source_version, output, out_format, spot_check; rows of image
+           shards (pipeline.shards) also: shard (its key), row_index, payload (the row's image bytes,
+           written back unchanged if the row fails), carry (the rest of the row)
   decode   status, error, format, mode, width, height, icc, decode_s, piece_index, piece_count,
            band (6 ints: tile rows, owned output rows, input rows), pixels (array: the band's
            input rows), rt_lr / rt_ref (arrays: the round-trip LR image and reference, piece 0 of
@@ -31,24 +33,27 @@ import pyarrow as pa
 
 from model.tiling import Band, Piece, plan_tiles, split_image, upscale_pieces
 from pipeline import quality, storage
-from pipeline.images import DecodeError, decode, encode
+from pipeline.images import DecodeError, decode, encode, output_format_of
 from pipeline.manifest import FAILED, OK
 from pipeline.report import crop_pair
 
 Batch = pa.Table
-_STRING = ("source", "key", "source_version", "output", "out_format", "status", "error", "format", "mode", "model_sha256")
-_INT = ("size_bytes", "width", "height", "piece_index", "piece_count", "tiles", "tiles_skipped", "consistency_n", "out_width", "out_height")
+_STRING = ("source", "key", "source_version", "output", "out_format", "status", "error", "format", "mode",
+           "model_sha256", "shard")  # fmt: skip
+_INT = ("size_bytes", "width", "height", "piece_index", "piece_count", "tiles", "tiles_skipped", "consistency_n", "out_width",
+        "out_height", "row_index")  # fmt: skip
 _FLOAT = ("decode_s", "model_s", "encode_s", "consistency_sse")
-_BINARY = ("icc", "pixels", "rt_lr", "rt_ref", "out_pixels", "rt_sr", "data", "crop_before", "crop_after")
+_BINARY = ("icc", "pixels", "rt_lr", "rt_ref", "out_pixels", "rt_sr", "data", "crop_before", "crop_after", "payload",
+           "carry")  # fmt: skip
+RT_SCORES = ("rt_psnr_model", "rt_psnr_bicubic", "rt_psnr_model_y", "rt_psnr_bicubic_y", "rt_gain_db")
 SCHEMA = pa.schema(
     [(c, pa.string()) for c in _STRING]
     + [(c, pa.int64()) for c in _INT]
-    + [(c, pa.float64()) for c in _FLOAT + ("rt_psnr_model", "rt_psnr_bicubic", "rt_psnr_model_y", "rt_psnr_bicubic_y", "rt_gain_db")]
+    + [(c, pa.float64()) for c in _FLOAT + RT_SCORES]
     + [(c, pa.large_binary()) for c in _BINARY]  # large: one band of a big image can pass 2 GB
     + [("spot_check", pa.bool_()), ("band", pa.list_(pa.int64()))]
 )
 PIXEL_COLUMNS = ("pixels", "out_pixels", "rt_lr", "rt_ref", "rt_sr")
-RT_SCORES = ("rt_psnr_model", "rt_psnr_bicubic", "rt_psnr_model_y", "rt_psnr_bicubic_y", "rt_gain_db")
 
 
 def pack(array: np.ndarray | None) -> bytes | None:
@@ -81,7 +86,8 @@ def _mode(pixels: np.ndarray) -> str:
 
 
 DECODE_COLUMNS = [
-    "source", "key", "size_bytes", "source_version", "output", "out_format", "spot_check",
+    "source", "key", "size_bytes", "source_version", "output", "out_format", "spot_check", "shard", "row_index",
+    "payload", "carry",
     "status", "error", "format", "mode", "width", "height", "icc", "decode_s",
     "piece_index", "piece_count", "band", "pixels", "rt_lr", "rt_ref",
 ]  # fmt: skip
@@ -92,39 +98,55 @@ def decode_stage(batch: Batch, *, tile: int, scale: int, halo: int, max_tiles: i
     input of spot-checked images. One failed row for an input that cannot be read or decoded."""
     out: list[dict[str, Any]] = []
     for row in _rows(batch):
-        started = time.perf_counter()
-        try:
-            image = decode(storage.read_bytes(row["source"]), max_pixels=max_pixels)
-            pieces = split_image(image.pixels, tile=tile, scale=scale, halo=halo, max_tiles=max_tiles)
-        except Exception as e:  # noqa: BLE001 - whatever one input does, it gets a row and the rest go on
-            out.append({**row, "status": FAILED, "error": _readable(e), "decode_s": time.perf_counter() - started})
-            continue
-        rt = quality.round_trip_input(image.pixels, scale=scale) if row["spot_check"] else None
-        h, w = image.pixels.shape[:2]
-        common = {
-            **row,
-            "status": OK,
-            "format": image.format,
-            "mode": _mode(image.pixels),
-            "width": w,
-            "height": h,
-            "icc": image.icc_profile,
-            "piece_count": len(pieces),
-            "decode_s": time.perf_counter() - started,
-        }
-        for i, piece in enumerate(pieces):
-            b = piece.band
-            out.append(
-                {
-                    **common,
-                    "piece_index": i,
-                    "band": [*b.tile_rows, *b.out_rows, *b.in_rows],
-                    "pixels": pack(piece.pixels),
-                    "rt_lr": pack(rt.lr) if rt and i == 0 else None,
-                    "rt_ref": pack(rt.reference) if rt and i == 0 else None,
-                }
-            )
+        out += decode_row(row, tile=tile, scale=scale, halo=halo, max_tiles=max_tiles, max_pixels=max_pixels)
     return _batch(out, DECODE_COLUMNS)
+
+
+def decode_row(
+    row: dict[str, Any], *, tile: int, scale: int, halo: int, max_tiles: int, max_pixels: int | None
+) -> list[dict[str, Any]]:
+    """The piece rows of one input: a loose file, read from row["source"], or a shard's row, whose
+    bytes are row["payload"] (then row["out_format"] None means the decoded image's own format)."""
+    started = time.perf_counter()
+    try:
+        if row.get("shard") is None:
+            data = storage.read_bytes(row["source"])
+        elif row["payload"] is None:
+            raise DecodeError("the row has no image (null)")
+        else:
+            data = row["payload"]
+        image = decode(data, max_pixels=max_pixels)
+        pieces = split_image(image.pixels, tile=tile, scale=scale, halo=halo, max_tiles=max_tiles)
+    except Exception as e:  # noqa: BLE001 - whatever one input does, it gets a row and the rest go on
+        return [{**row, "status": FAILED, "error": _readable(e), "decode_s": time.perf_counter() - started}]
+    rt = quality.round_trip_input(image.pixels, scale=scale) if row["spot_check"] else None
+    h, w = image.pixels.shape[:2]
+    common = {
+        **row,
+        "status": OK,
+        "format": image.format,
+        "out_format": row["out_format"] or output_format_of(image.format),
+        "mode": _mode(image.pixels),
+        "width": w,
+        "height": h,
+        "icc": image.icc_profile,
+        "piece_count": len(pieces),
+        "decode_s": time.perf_counter() - started,
+    }
+    out = []
+    for i, piece in enumerate(pieces):
+        b = piece.band
+        out.append(
+            {
+                **common,
+                "piece_index": i,
+                "band": [*b.tile_rows, *b.out_rows, *b.in_rows],
+                "pixels": pack(piece.pixels),
+                "rt_lr": pack(rt.lr) if rt and i == 0 else None,
+                "rt_ref": pack(rt.reference) if rt and i == 0 else None,
+            }
+        )
+    return out
 
 
 def _readable(error: BaseException) -> str:
@@ -171,7 +193,9 @@ class TileWorker:
 
         # Checked again here, not only in the driver: the object could change between the two reads.
         source = load_model(checkpoint, sha256=checkpoint_sha256)
-        self.runner = TileUpscaler(source.model, device=device, dtype=precision, skip_detail=skip_detail, compile=compile)
+        self.runner = TileUpscaler(
+            source.model, device=device, dtype=precision, skip_detail=skip_detail, compile=compile
+        )
         if self.runner.device.type == "cpu" and threads:
             torch.set_num_threads(threads)
         self.version = source.version

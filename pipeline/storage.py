@@ -11,7 +11,8 @@ import errno
 import os
 import posixpath
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -55,9 +56,11 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(uri)
 
 
-def list_inputs(src: str, *, exclude: Sequence[str] = ()) -> list[InputFile]:
-    """Every image file under SRC, recursively, sorted by key; image = a suffix in
-    pipeline.images.FORMATS, any case. Skips anything under a folder named `_isosr`, and anything
+def list_inputs(
+    src: str, *, exclude: Sequence[str] = (), suffixes: Collection[str] = tuple(FORMATS)
+) -> list[InputFile]:
+    """Every input file under SRC, recursively, sorted by key: one whose suffix is in `suffixes`
+    (default: the image suffixes of pipeline.images.FORMATS), any case. Skips anything under a folder named `_isosr`, and anything
     under a URI in `exclude` that lies inside SRC (DST, so earlier outputs are not inputs; a DST that
     holds SRC excludes nothing, one equal to SRC excludes everything). If SRC is itself a file it is
     the one input whatever its suffix (the user named it), with its name as key and SRC as URI.
@@ -95,7 +98,7 @@ def list_inputs(src: str, *, exclude: Sequence[str] = ()) -> list[InputFile]:
             raise RuntimeError(f"listing {src} returned {path!r}, which is not under it")
         key = path[len(prefix) :]
         folders, _, name = key.rpartition("/")
-        if posixpath.splitext(name)[1].lower() not in FORMATS:
+        if posixpath.splitext(name)[1].lower() not in suffixes:
             continue
         if STATE_DIR in folders.split("/") or any(_inside(key, p) for p in skipped):
             continue
@@ -152,6 +155,38 @@ def write_atomic(uri: str, data: bytes) -> None:
             raise
         # The error would name the hidden temporary; the user needs the output's name.
         raise OSError(e.errno, f"cannot write {uri}: {e.strerror or e}; check that its folder is writable") from e
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+@contextmanager
+def open_atomic(uri: str) -> Iterator[Any]:
+    """A binary file to stream a large output into, which readers see whole or not at all: what
+    write_atomic does for bytes in memory. Local files: a hidden temporary renamed into place on
+    success. Object stores: s3fs's multipart upload, which completes on success (the object appears
+    only then) and is aborted if anything fails."""
+    fs, path = filesystem(uri)
+    if not _is_local(fs):
+        f = fs.open(path, "wb")
+        try:
+            yield f
+        except BaseException:
+            f.discard()  # aborts a multipart upload; a small file is only uploaded by close()
+            f.closed = True  # so that close(), and the file's __del__, upload nothing
+            raise
+        try:
+            f.close()
+        except OSError as e:
+            raise type(e)(f"cannot write {uri}: {e}") from e
+        return
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
     except BaseException:
         _remove_quietly(tmp)
         raise

@@ -202,6 +202,27 @@ def test_demo_upscales_the_sample_photos(
     assert f"x4 outputs in {outputs.resolve()}" in out
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_demo_with_shards_writes_a_tar_shard_and_upscales_it(
+    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: str
+) -> None:
+    """README's shard example: the photos as a WebDataset shard, upscaled into one of the same kind."""
+    import tarfile
+
+    status = main(["demo", "--out", str(tmp_path / "demo"), "--shards", "webdataset", "--checkpoint", tiny_checkpoint])
+    assert status == EXIT_OK
+    out = tmp_path / "demo" / "webdataset" / "output" / "photos.tar"
+    with tarfile.open(out) as tar:
+        entries = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert sorted(entries) == sorted(f"{n}.{e}" for n in ("astronaut", "camera", "chelsea", "coffee")
+                                     for e in ("png", "txt", "isosr.json"))  # fmt: skip
+    with Image.open(io.BytesIO(entries["coffee.png"])) as coffee:
+        assert coffee.size == (2400, 1600)
+    assert entries["coffee.txt"] == b"scikit-image sample photo 'coffee'"
+    assert "inputs 4, ok 4, failed 0, skipped 0" in capsys.readouterr().out
+
+
 def test_encode_never_writes_alpha_into_jpeg() -> None:
     from pipeline.images import decode, encode
 

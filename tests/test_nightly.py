@@ -522,7 +522,7 @@ def test_a_night_over_1000_unchanged_objects_takes_seconds_and_starts_no_ray(
     rows = [{"key": f.key, "size_bytes": f.size, "source_version": f.version, "status": OK,
              "output": storage.join(dst, f.key), "run_id": "seed"} for f in inputs]  # fmt: skip
     seed_run = "20261121T000000Z-seed00"
-    nightly.commit(dst, nightly.load_state(dst), seed_run, table(rows), keep={f.key for f in inputs},
+    nightly.commit(dst, nightly.load_state(dst), seed_run, rows, keep={f.key for f in inputs},
                    model_version=load_model(tiny_checkpoint).version)  # fmt: skip
 
     started = time.perf_counter()

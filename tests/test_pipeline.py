@@ -620,7 +620,7 @@ def test_at_least_one_image_is_spot_checked_at_rate_zero(tall: TallRuns) -> None
 # ----------------------------------------------------------------------------- 6. the plan streams
 
 
-@pytest.mark.parametrize("on", ["gpu", "cpu"])
+@pytest.mark.parametrize("on", ["gpu", "cpu", "parquet"])
 def test_the_plan_has_no_barrier_and_keeps_decoding_off_the_model_actor(ray_local: None, tiny_checkpoint: str, on: str) -> None:
     from pipeline.run import Placement, build_dataset
 
@@ -629,8 +629,8 @@ def test_the_plan_has_no_barrier_and_keeps_decoding_off_the_model_actor(ray_loca
              out_format="PNG", spot_check=False)
         for i in range(3)
     ]  # fmt: skip
-    options = RunOptions(src="/nowhere", dst="/out", checkpoint=tiny_checkpoint)
-    placement = Placement(1.0, 1.0, None, (1, 2)) if on == "gpu" else Placement(0.0, 0.5, 1, (2, 2))
+    options = RunOptions(src="/nowhere", dst="/out", checkpoint=tiny_checkpoint, input_format="parquet" if on == "parquet" else None)
+    placement = Placement(1.0, 1.0, None, (1, 2)) if on != "cpu" else Placement(0.0, 0.5, 1, (2, 2))
     ds = build_dataset(rows, options, tile=64, scale=4, placement=placement)
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
@@ -645,8 +645,9 @@ def test_the_plan_has_no_barrier_and_keeps_decoding_off_the_model_actor(ray_loca
     assert kinds <= {"InputDataBuffer", "TaskPoolMapOperator", "ActorPoolMapOperator"}, plan
     assert not re.search(r"AllToAll|Shuffle|Aggregate|Sort|Repartition|GroupBy|Zip|Limit", physical), plan
     [model] = [op for op in operators if "TileWorker" in op]
-    assert model.startswith("ActorPoolMapOperator") and "decode_stage" not in model, plan
-    assert any("decode_stage" in op and op.startswith("TaskPoolMapOperator") for op in operators), plan
+    decoding = "read_stage" if on == "parquet" else "decode_stage"  # shards are read and decoded row by row
+    assert model.startswith("ActorPoolMapOperator") and decoding not in model, plan
+    assert any(decoding in op and op.startswith("TaskPoolMapOperator") for op in operators), plan
 
 
 # ----------------------------------------------------------------------------- the report in a browser
