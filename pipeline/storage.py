@@ -135,37 +135,23 @@ def write_atomic(uri: str, data: bytes) -> None:
     anything fails). Object stores: one upload (s3fs makes large ones multipart); an S3 object appears
     only once complete. Raises OSError naming `uri`."""
     fs, path = filesystem(uri)
-    if not _is_local(fs):
-        try:
-            fs.pipe_file(path, data)
-        except OSError as e:  # s3fs's messages ("The specified bucket does not exist") name no object
-            raise type(e)(f"cannot write {uri}: {e}") from e
-        return
-    folder, name = os.path.split(path)
-    # Unique per call, not just per process: Ray runs several tasks in one worker process.
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
+    if _is_local(fs):
+        with open_atomic(uri) as f:
             f.write(data)
-        os.replace(tmp, path)  # atomic on POSIX: the old file or the new one, never a mix
-    except OSError as e:
-        _remove_quietly(tmp)
-        if e.errno is None:
-            raise
-        # The error would name the hidden temporary; the user needs the output's name.
-        raise OSError(e.errno, f"cannot write {uri}: {e.strerror or e}; check that its folder is writable") from e
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+        return
+    try:
+        fs.pipe_file(path, data)
+    except OSError as e:  # s3fs's messages ("The specified bucket does not exist") name no object
+        raise type(e)(f"cannot write {uri}: {e}") from e
 
 
 @contextmanager
 def open_atomic(uri: str) -> Iterator[Any]:
     """A binary file to stream a large output into, which readers see whole or not at all: what
-    write_atomic does for bytes in memory. Local files: a hidden temporary renamed into place on
-    success. Object stores: s3fs's multipart upload, which completes on success (the object appears
-    only then) and is aborted if anything fails."""
+    write_atomic does for bytes in memory. Local files: a hidden temporary in the same folder,
+    renamed into place on success and removed on failure. Object stores: s3fs's multipart upload,
+    which completes on success (the object appears only then) and is aborted if anything fails.
+    Raises OSError naming `uri`."""
     fs, path = filesystem(uri)
     if not _is_local(fs):
         f = fs.open(path, "wb")
@@ -181,12 +167,19 @@ def open_atomic(uri: str) -> Iterator[Any]:
             raise type(e)(f"cannot write {uri}: {e}") from e
         return
     folder, name = os.path.split(path)
+    # Unique per call, not just per process: Ray runs several tasks in one worker process.
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             yield f
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # atomic on POSIX: the old file or the new one, never a mix
+    except OSError as e:
+        _remove_quietly(tmp)
+        if e.errno is None:
+            raise
+        # The error would name the hidden temporary; the user needs the output's name.
+        raise OSError(e.errno, f"cannot write {uri}: {e.strerror or e}; check that its folder is writable") from e
     except BaseException:
         _remove_quietly(tmp)
         raise
