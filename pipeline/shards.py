@@ -422,13 +422,21 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
 def write_record(
     dst: str, meta: dict[str, Any], *, outputs: list[str], run_id: str, failed_rows: int, model: str
 ) -> None:
-    """The shard record --skip-existing checks, written after every output file."""
+    """The shard record --skip-existing checks, written after every output file. Files of the shard's
+    previous record that this one does not list (it had more rows then) are removed: a reader that
+    globs DST must not find stale rows."""
+    try:
+        previous = json.loads(storage.read_bytes(record_uri(dst, meta["key"])))["outputs"]
+    except (FileNotFoundError, KeyError, ValueError):
+        previous = []
     record = {
         "key": meta["key"], "source": meta["source"], "size_bytes": meta["size_bytes"],
         "source_version": meta["source_version"], "rows": meta["rows"], "failed_rows": failed_rows,
         "outputs": outputs, "run_id": run_id, "model_sha256": model, "written": time.time(),
     }  # fmt: skip
     storage.write_atomic(record_uri(dst, meta["key"]), json.dumps(record, indent=1).encode())
+    for uri in set(previous) - set(outputs):
+        storage.remove(uri)
 
 
 def by_input(rows: list[dict[str, Any]], listed: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

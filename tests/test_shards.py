@@ -5,6 +5,7 @@ The runs use the session's local Ray and the local S3 endpoint (moto's server), 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -273,7 +274,16 @@ def test_skip_existing_and_nightly_redo_only_the_shard_that_changed(
     assert pq.read_table(dst / "s1.parquet").num_rows == 2
     assert {p.name: p.stat().st_mtime_ns for p in dst.glob("*.parquet") if p.name != "s1.parquet"} == {
         k: v for k, v in written.items() if k != "s1.parquet"
-    }
+    }  # the unchanged shards were not rewritten
+
+    # Redone with fewer rows per file, then with more: the files the shard no longer has are removed.
+    split = run(dataclasses.replace(options, skip_existing=False, shard_rows=1))
+    assert split.summary["counts"]["ok"] == 8
+    assert sorted(p.name for p in dst.glob("s0*.parquet")) == [
+        "s0-part-00001.parquet", "s0-part-00002.parquet", "s0.parquet"
+    ]  # fmt: skip
+    run(dataclasses.replace(options, skip_existing=False))
+    assert sorted(p.name for p in dst.glob("*.parquet")) == ["s0.parquet", "s1.parquet", "s2.parquet"]
 
     # isosr nightly judges whole shards too.
     n1 = nightly(
