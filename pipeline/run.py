@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from model.tiling import DEFAULT_HALO, DEFAULT_SKIP_DETAIL
 from pipeline import quality, shards, storage
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 MAX_REPORT_CROPS = 12
 FINISH_CPUS = 0.5  # quality checks + encoding (and the writes fused with them), per task
 ROW_BLOCK_BYTES = 4 * 2**20  # Ray Data blocks: one row of work each (see build_dataset)
+OBJECT_STORE_MIN, OBJECT_STORE_PER_ACTOR = 2**30, 512 * 2**20  # the run's object-store budget (build_dataset)
 
 
 class UsageError(ValueError):
@@ -251,17 +253,19 @@ def build_dataset(
 ):
     """All map_batches wiring in one place: resources are set here, where the pipeline is assembled.
     `assembler`: the run's Assembler, which the readers of image shards tell how many rows they read."""
-    # Ray Data packs a task's outputs into blocks of up to DataContext.target_max_block_size (128 MiB)
-    # before it hands them on: a shard's reader would then pass ~10 rows per block, and every stage
-    # after it hold them all at once (measured: 1.2 GB per model actor for 512x512 rows, against
-    # ~0.5 GB). Blocks of a few MiB are one row each, as for loose files. The dataset keeps a copy
-    # of the context made here, so the caller's own context is left as it was.
-    context = ray.data.DataContext.get_current()
-    saved, context.target_max_block_size = context.target_max_block_size, ROW_BLOCK_BYTES
-    try:
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    finally:
-        context.target_max_block_size = saved
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    # The dataset's own context (a copy, so the caller's is left alone), which every stage below shares:
+    # - Ray Data packs a task's outputs into blocks of up to target_max_block_size (128 MiB) before
+    #   handing them on, so a shard's reader would pass ~10 rows per block and each later stage hold
+    #   them all at once (measured: 1.2 GB per model actor for 512x512 rows, ~0.5 GB with one row per
+    #   block). A few MiB is one row per block, as loose files already have.
+    # - Its object-store budget defaults to the whole store (30 % of RAM), which it fills with rows
+    #   waiting for the slowest stage whenever a faster one runs ahead (measured: 4.2 GB of live
+    #   objects during a 1 GB shard). A queue of a few rows per model actor keeps every stage busy.
+    ds.context.target_max_block_size = ROW_BLOCK_BYTES
+    ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
+        object_store_memory=max(OBJECT_STORE_MIN, OBJECT_STORE_PER_ACTOR * placement.workers[1])
+    )
     decode = {
         "tile": tile,
         "scale": scale,
@@ -400,7 +404,11 @@ def execute(
             # Only a local Ray that this run started itself is known not to grow.
             fixed = started_ray and not _cluster_address(options)
             placement = place(options, ray.cluster_resources(), fixed=fixed)
-            assembler = Assembler.remote(
+            # On the driver's node, so that the run's bookkeeping lives and dies with the driver: left to
+            # Ray's scheduler it may land on a worker node, and losing that node ended the run with a
+            # traceback, every output written and no manifest (tests/test_faults.py, node lost).
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            assembler = Assembler.options(scheduling_strategy=here).remote(
                 paths=paths,
                 thresholds=options.thresholds,
                 input_format=options.input_format,

@@ -9,12 +9,10 @@ moto's S3 server, local folders, a local Ray (conftest's `ray_local`, or the job
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +32,7 @@ from pipeline.cli import EXIT_OK, EXIT_SOME_FAILED, main
 from pipeline.lease import Lease, LeaseHeld, LeaseLost
 from pipeline.manifest import OK, table
 from pipeline.nightly import EXIT_LEASE
+from tests.sessions import assert_session_gone, kill_session
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = "_isosr/runs"
@@ -409,16 +408,16 @@ def test_a_run_killed_halfway_is_resumed_with_exactly_the_remainder(
             assert job.poll() is None, f"the job ended before it could be killed:\n{log.read_text()}"
             assert time.monotonic() < deadline, f"no outputs recorded in time:\n{log.read_text()}"
             time.sleep(0.02)
-        _kill_session(job.pid)
+        kill_session(job.pid)
         job.wait(timeout=60)
     finally:
         if job.poll() is None:
-            _kill_session(job.pid)
+            kill_session(job.pid)
     [killed_dir] = (dst / "_isosr" / "runs").iterdir()
     killed_run = killed_dir.name
     assert main(["nightly", *args]) == EXIT_LEASE  # the dead run's lease is not expired yet
     assert killed_run in capsys.readouterr().err
-    _assert_session_gone(job.pid)  # from here on nothing of the killed job can write
+    assert_session_gone(job.pid)  # from here on nothing of the killed job can write
     killed_at = time.time()
     assert not (killed_dir / "manifest.parquet").exists()  # it died mid-run
     recorded = {r["key"] for p in killed_dir.glob("parts/*.parquet") for r in pq.read_table(p).to_pylist()}
@@ -454,33 +453,6 @@ def datetime_of(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso).timestamp()
-
-
-def _session_pids(session: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return [int(pid) for pid, sid in (line.split() for line in out.splitlines()) if int(sid) == session]
-
-
-def _kill_session(session: int) -> None:
-    """SIGKILL every process of the job's session at once, the driver and the Ray it started, as a
-    machine loss or `systemctl kill` of the unit does (killpg alone misses the Ray processes that
-    sit in process groups of their own)."""
-    for pid in _session_pids(session):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _assert_session_gone(session: int) -> None:
-    """No process of the killed job's session (its Ray included) outlives it; any left are ours to end."""
-    deadline = time.monotonic() + 30
-    while True:
-        left = _session_pids(session)
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes of the killed job outlived it: {left}"
 
 
 # ----------------------------------------------------------------------------- a night with nothing to do
