@@ -518,26 +518,38 @@ def max_difference(a: Path, b: Path) -> int:
 
 
 class PeakMemory:
-    """Peak PSS (bytes) of this process and all its descendants, sampled in a thread."""
+    """Peaks, sampled in a thread, of this process and all its descendants: PSS (`peak`), its private
+    part (`peak_private`: Pss_Anon, the processes' own heaps) and, while Ray is up, the bytes of
+    objects alive in Ray's object store (`peak_objects`). Pages of the object store's shared-memory
+    arena stay resident once touched, even after the objects in them are freed, so PSS grows with a
+    run's length up to the store's size (30 % of RAM by default) while the live objects do not."""
 
     def __init__(self, interval: float = 0.2) -> None:
         import threading
 
         import psutil
 
-        self.peak = 0
+        self.peak = self.peak_private = self.peak_objects = 0
         self._stop = threading.Event()
         me = psutil.Process()
 
         def sample() -> None:
+            import ray
+
             while not self._stop.is_set():
-                total = 0
+                total = private = 0
                 for p in [me, *me.children(recursive=True)]:
                     try:
                         total += p.memory_full_info().pss
-                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        with open(f"/proc/{p.pid}/smaps_rollup") as f:
+                            private += sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss_Anon:"))
+                    except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
                         pass
-                self.peak = max(self.peak, total)
+                self.peak, self.peak_private = max(self.peak, total), max(self.peak_private, private)
+                if ray.is_initialized():
+                    with contextlib.suppress(Exception):  # Ray may be shutting down under us
+                        used = ray.cluster_resources()["object_store_memory"] - ray.available_resources()["object_store_memory"]
+                        self.peak_objects = max(self.peak_objects, int(used))
                 self._stop.wait(interval)
 
         self._thread = threading.Thread(target=sample, daemon=True)
@@ -627,6 +639,8 @@ def bench_shards(args: argparse.Namespace) -> dict[str, object]:
             if counts["ok"] != shard["rows"]:
                 raise RuntimeError(f"shards benchmark: {counts}, {result.failed[:3]}")
             row = {**shard, "seconds": round(seconds, 1), "peak_memory_mib": round(sampler.peak / 2**20),
+                   "peak_private_mib": round(sampler.peak_private / 2**20),
+                   "peak_object_store_mib": round(sampler.peak_objects / 2**20),
                    "output_mp": round(result.summary["megapixels_out"], 1)}  # fmt: skip
             log(f"shard of {megabytes} MB: {row}")
             out["runs"].append(row)
@@ -823,9 +837,11 @@ def markdown(results: dict[str, object]) -> str:
         r = results["shards"]
         out += ["", "**One Parquet shard through the pipeline** (incompressible 512x512 PNGs, skip path, JPEG out):", ""]
         out += _table(
-            ["shard", "rows", "decoded size", "seconds", "output MP", "peak memory (all processes, PSS)"],
+            ["shard", "rows", "decoded size", "seconds", "output MP", "peak PSS, all processes",
+             "of it private (heaps)", "peak of live objects in Ray's store"],
             [[f"{q['file_bytes'] / 1e6:,.0f} MB", q["rows"], f"{q['decoded_bytes'] / 2**20:,.0f} MiB", q["seconds"],
-              q["output_mp"], f"{q['peak_memory_mib']:,} MiB"] for q in r["runs"]],
+              q["output_mp"], f"{q['peak_memory_mib']:,} MiB", f"{q['peak_private_mib']:,} MiB",
+              f"{q['peak_object_store_mib']:,} MiB"] for q in r["runs"]],
         )  # fmt: skip
     return "\n".join(out)
 
