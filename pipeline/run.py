@@ -258,7 +258,7 @@ def build_dataset(
     # - Ray Data packs a task's outputs into blocks of up to target_max_block_size (128 MiB) before
     #   handing them on, so a shard's reader would pass ~10 rows per block and each later stage hold
     #   them all at once (measured: 1.2 GB per model actor for 512x512 rows, ~0.5 GB with one row per
-    #   block). A few MiB is one row per block, as loose files already have.
+    #   block). Blocks of a few MiB hold a row or a few, as loose files already had.
     # - Its object-store budget defaults to the whole store (30 % of RAM), which it fills with rows
     #   waiting for the slowest stage whenever a faster one runs ahead (measured: 4.2 GB of live
     #   objects during a 1 GB shard). A queue of a few rows per model actor keeps every stage busy.
