@@ -530,6 +530,7 @@ class PeakMemory:
         import psutil
 
         self.peak = self.peak_private = self.peak_objects = 0
+        self.private_by_process: dict[str, int] = {}  # at the peak of `peak_private`: process -> bytes
         self._stop = threading.Event()
         me = psutil.Process()
 
@@ -537,15 +538,19 @@ class PeakMemory:
             import ray
 
             while not self._stop.is_set():
-                total = private = 0
+                total, by_process = 0, {}
                 for p in [me, *me.children(recursive=True)]:
                     try:
                         total += p.memory_full_info().pss
                         with open(f"/proc/{p.pid}/smaps_rollup") as f:
-                            private += sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss_Anon:"))
+                            anon = sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss_Anon:"))
+                        by_process[f"{p.pid} {p.name()}"] = anon  # Ray names its workers by task or actor
                     except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
                         pass
-                self.peak, self.peak_private = max(self.peak, total), max(self.peak_private, private)
+                private = sum(by_process.values())
+                if private > self.peak_private:
+                    self.peak_private, self.private_by_process = private, by_process
+                self.peak = max(self.peak, total)
                 if ray.is_initialized():
                     with contextlib.suppress(Exception):  # Ray may be shutting down under us
                         used = ray.cluster_resources()["object_store_memory"] - ray.available_resources()["object_store_memory"]
@@ -643,6 +648,8 @@ def bench_shards(args: argparse.Namespace) -> dict[str, object]:
                    "peak_object_store_mib": round(sampler.peak_objects / 2**20),
                    "output_mp": round(result.summary["megapixels_out"], 1)}  # fmt: skip
             log(f"shard of {megabytes} MB: {row}")
+            top = sorted(sampler.private_by_process.items(), key=lambda kv: -kv[1])[:8]
+            log("  private memory at its peak, by process: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in top))
             out["runs"].append(row)
     small, large = out["runs"]
     out["growth_mib"] = large["peak_memory_mib"] - small["peak_memory_mib"]

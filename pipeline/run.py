@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 MAX_REPORT_CROPS = 12
 FINISH_CPUS = 0.5  # quality checks + encoding (and the writes fused with them), per task
-ROW_BLOCK_BYTES = 4 * 2**20  # Ray Data blocks: one row of work each (see build_dataset)
+ROW_BLOCK_BYTES = 1  # Ray Data blocks: each a batch a stage returned or yielded (see build_dataset)
+READ_AHEAD_PER_ACTOR = 4  # shard rows read and not yet staged, per model actor (Assembler.may_read)
 OBJECT_STORE_MIN, OBJECT_STORE_PER_ACTOR = 2**30, 512 * 2**20  # the run's object-store budget (build_dataset)
 
 
@@ -258,7 +259,9 @@ def build_dataset(
     # - Ray Data packs a task's outputs into blocks of up to target_max_block_size (128 MiB) before
     #   handing them on, so a shard's reader would pass ~10 rows per block and each later stage hold
     #   them all at once (measured: 1.2 GB per model actor for 512x512 rows, ~0.5 GB with one row per
-    #   block). Blocks of a few MiB hold a row or a few, as loose files already had.
+    #   block). A limit of 1 byte makes each batch a stage returns or yields a block of its own: a
+    #   shard's reader, which waits for its rows to be staged (Assembler.may_read), must not wait
+    #   for a row that Ray Data still holds back to fill a block.
     # - Its object-store budget defaults to the whole store (30 % of RAM), which it fills with rows
     #   waiting for the slowest stage whenever a faster one runs ahead (measured: 4.2 GB of live
     #   objects during a 1 GB shard). A queue of a few rows per model actor keeps every stage busy.
@@ -273,25 +276,22 @@ def build_dataset(
         "max_tiles": options.max_tiles,
         "max_pixels": options.max_pixels,
     }
+    # A quarter CPU: decoding is light. Resources unlike the model actor's (which holds 1 or 0.5) also
+    # keep Ray from fusing decoding into the actor, which would pin an image's bands to it.
+    stage, compute, cpus, kwargs = decode_stage, None, 0.25, decode
     if options.input_format in (shards.PARQUET, shards.WEBDATASET):
-        # A generator: each shard streams out row by row, and Ray Data's back-pressure on streaming
-        # generators pauses the reader while its rows wait downstream.
-        stage, kwargs = shards.read_stage, {
+        # A generator: each shard streams out row by row, staying a few rows ahead of the rows staged
+        # (Assembler.may_read), so a reader lasts as long as its shard and waits most of that time.
+        # No CPU for it, at most one per model actor: Ray Data reserves CPU for each running stage out
+        # of what the cluster can give it now, and on a small node a reader's share left too little
+        # for the finishing stage, which then never ran while the reader waited for it (a hang).
+        stage, compute, cpus = shards.read_stage, ray.data.TaskPoolStrategy(size=placement.workers[1]), 0
+        kwargs = {
             "fmt": options.input_format, "image_column": options.image_column, "key_column": options.key_column,
             "output_format": options.output_format, "spot_check_rate": options.spot_check_rate,
             "assembler": assembler, "decode": decode,
         }  # fmt: skip
-    else:
-        stage, kwargs = decode_stage, decode
-    ds = ds.map_batches(
-        stage,
-        batch_size=1,
-        batch_format="pyarrow",
-        # A quarter CPU: decoding is light. Resources unlike the model actor's (which holds 1 or 0.5)
-        # also keep Ray from fusing decoding into the actor, which would pin an image's bands to it.
-        num_cpus=0.25,
-        fn_kwargs=kwargs,
-    )
+    ds = ds.map_batches(stage, batch_size=1, batch_format="pyarrow", compute=compute, num_cpus=cpus, fn_kwargs=kwargs)
     ds = ds.map_batches(
         TileWorker,
         batch_size=1,  # pieces per call; tiles of a call's pieces share forward batches
@@ -413,6 +413,7 @@ def execute(
                 thresholds=options.thresholds,
                 input_format=options.input_format,
                 shard_rows=options.shard_rows,
+                read_ahead=READ_AHEAD_PER_ACTOR * placement.workers[1],
             )
             sink = ImageSink(paths=paths, thresholds=options.thresholds, assembler=assembler)
             ds = build_dataset(

@@ -6,8 +6,9 @@ A shard is one input of the listing: planning, --skip-existing and isosr nightly
 WebDataset sample key, or the row's index), and goes through the same decode, model and finish stages as a loose file.
 
 Reading streams: `read_stage` reads a shard a few rows at a time (pyarrow's batch reader without
-pre-buffering; tarfile's stream mode) and yields each row as it goes, so Ray Data's back-pressure on
-streaming generators bounds how much of a shard is in memory, whatever its size. Each row carries
+pre-buffering; tarfile's stream mode) and yields each row as it goes, at most a few rows per model
+actor ahead of the rows the sink has staged (the Assembler keeps count), so how much of a shard is
+in memory is bounded, whatever its size. Each row carries
 the rest of its record (`carry`: the Parquet row with its image bytes nulled, or the sample's other
 tar entries) as Arrow IPC bytes, so what is carried through is byte-identical.
 
@@ -52,6 +53,7 @@ INPUT_FORMATS = (IMAGES, PARQUET, WEBDATASET)
 SUFFIXES = {IMAGES: tuple(FORMATS), PARQUET: (".parquet",), WEBDATASET: (".tar",)}
 DEFAULT_SHARD_ROWS = 1000  # rows per output file: ×4 outputs are ~16× the input's bytes
 READ_BATCH_ROWS = 8  # rows per pyarrow read: a few images, not a row group
+READ_POLL_SECONDS = (0.01, 0.5)  # a reader waiting for its rows to be staged asks this often (first, most)
 ROW_GROUP_BYTES = 64 * 2**20  # an output row group is written when its images reach this size
 RECORDS_DIR = f"{storage.STATE_DIR}/shards"
 STATUS_COLUMNS = pa.schema(
@@ -156,6 +158,7 @@ def read_stage(batch: pa.Table, *, fmt: str, image_column: str | None, key_colum
         try:
             reader = _parquet_rows if fmt == PARQUET else _tar_rows
             for index, key, payload, carry, name in reader(shard, image_column, key_column, info):
+                _wait_to_read(assembler, shard["key"], rows)
                 full = f"{shard['key']}#{key}"
                 row = {
                     **shard,
@@ -172,6 +175,16 @@ def read_stage(batch: pa.Table, *, fmt: str, image_column: str | None, key_colum
         except Exception as e:  # noqa: BLE001 - a shard that cannot be read is its row, never the run's
             error = _readable(e)
         ray.get(assembler.shard_read.remote({**shard, **info, "rows": rows, "error": error}))
+
+
+def _wait_to_read(assembler: Any, key: str, yielded: int) -> None:
+    """Until the Assembler lets the reader of shard `key` yield another row (Assembler.may_read)."""
+    import ray
+
+    pause = READ_POLL_SECONDS[0]
+    while not ray.get(assembler.may_read.remote(key, yielded)):
+        time.sleep(pause)
+        pause = min(2 * pause, READ_POLL_SECONDS[1])
 
 
 def _parquet_rows(shard: dict[str, Any], image_column: str | None, key_column: str | None, info: dict[str, Any]):

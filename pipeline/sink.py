@@ -204,13 +204,17 @@ class Assembler:
     writes it; counts the staged rows of each image shard and, once its reader has said how many
     there are and all are staged, starts the task that writes its output shards (pipeline.shards)."""
 
-    def __init__(self, *, paths: RunPaths, thresholds: Thresholds, input_format: str, shard_rows: int) -> None:
+    def __init__(
+        self, *, paths: RunPaths, thresholds: Thresholds, input_format: str, shard_rows: int, read_ahead: int = 8
+    ) -> None:
         self.paths = paths
         self.thresholds = thresholds
         self.input_format = input_format
         self.shard_rows = shard_rows
+        self.read_ahead = read_ahead
         self.parts: dict[str, dict[int, dict[str, Any]]] = {}
         self.shards: dict[str, dict[str, Any]] = {}  # shard key -> {"rows": {index: manifest row}, "read": meta}
+        self.yielded: dict[str, int] = {}  # shard key -> rows its reader has yielded (see may_read)
         self.assembled: set[str] = set()  # shards handed to assemble_shard (a retried reader reports twice)
         self.tasks: list[ray.ObjectRef] = []
 
@@ -230,6 +234,20 @@ class Assembler:
         self.shards.setdefault(row["shard"], {"rows": {}, "read": None})["rows"][int(row["row_index"])] = row
         self._maybe_assemble(row["shard"])
 
+    def may_read(self, key: str, yielded: int) -> bool:
+        """May the reader of shard `key`, which has yielded `yielded` rows, yield another? Yes while
+        fewer than `read_ahead` rows of all shards are yielded and not yet staged. Ray Data's
+        back-pressure stops it launching tasks, not a task that runs: without this a shard's reader
+        runs ahead of the model and its rows wait in the object store (RESULTS.md, "Image shards")."""
+        if key in self.assembled:
+            return True
+        self.yielded[key] = yielded  # a retried reader starts again from 0
+        ahead = sum(max(0, n - len(self.shards.get(k, {"rows": ()})["rows"])) for k, n in self.yielded.items())
+        if ahead >= self.read_ahead:
+            return False
+        self.yielded[key] = yielded + 1  # the row it yields now
+        return True
+
     def shard_read(self, meta: dict[str, Any]) -> None:
         """A shard's reader is done: meta is its listing row plus rows (how many it yielded), error,
         and for Parquet its schema and image column."""
@@ -246,6 +264,7 @@ class Assembler:
         self.assembled.add(key)
         rows = [shard["rows"][i] for i in range(meta["rows"])]
         del self.shards[key]
+        self.yielded.pop(key, None)
         self.tasks.append(assemble_shard.remote(self.paths, self.input_format, self.shard_rows, meta, rows))
 
     def pending(self) -> list[ray.ObjectRef]:

@@ -376,3 +376,53 @@ def test_tar_samples_group_by_key_as_webdataset_does(tmp_path: Path) -> None:
         "s3://b/o/s-part-00001.tar",
         "s3://b/o/s-part-00002.tar",
     ]
+
+
+def test_a_shard_reader_stays_a_few_rows_ahead_of_the_rows_staged(ray_local: None, tmp_path: Path) -> None:
+    """The read-ahead window (Assembler.may_read), counted over every shard being read: a reader may
+    not yield a row while `read_ahead` rows are yielded and not yet staged, and may again once one is."""
+    import ray
+
+    from pipeline.report import Thresholds
+    from pipeline.sink import Assembler, RunPaths
+
+    assembler = Assembler.remote(
+        paths=RunPaths(dst=str(tmp_path), run_id="run"), thresholds=Thresholds(), input_format="parquet", shard_rows=10,
+        read_ahead=3,
+    )  # fmt: skip
+
+    def may(key: str, yielded: int) -> bool:
+        return ray.get(assembler.may_read.remote(key, yielded))
+
+    def staged(key: str, index: int) -> None:
+        ray.get(assembler.row_done.remote({"shard": key, "row_index": index, "key": f"{key}#{index}"}))
+
+    assert [may("a", n) for n in range(3)] == [True, True, True]
+    assert not may("a", 3)
+    staged("a", 0)
+    assert may("a", 3)  # rows 0-2 yielded, row 0 staged: 2 ahead, and now row 3
+    assert not may("b", 0)  # a's rows 1-3 are ahead
+    staged("a", 1)
+    assert may("b", 0) and not may("b", 1)
+    assert may("a", 0)  # a retried reader starts again from its first row: a has none ahead
+
+
+@pytest.mark.timeout(300)
+def test_a_shard_many_times_the_read_ahead_finishes_on_cpu_actors(
+    ray_local: None, tmp_path: Path, tiny_checkpoint: str
+) -> None:
+    """CPU actors (half a CPU each) on 2 CPUs, a shard of 40 rows, 5× the read-ahead: the reader
+    waits for rows to be staged, so the finishing stage must get a CPU while it waits. It did not
+    while the reader held a CPU share of its own: the run hung at row 15 (now a timeout here)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    table = pa.table({"n": list(range(40)), "image": pa.array([encoded(crop(i, 24, 24)) for i in range(40)])})
+    (src / "long.parquet").write_bytes(to_parquet(table, row_group_size=16))
+
+    result = run(RunOptions(src=str(src), dst=str(tmp_path / "dst"), checkpoint=tiny_checkpoint, gpus_per_worker=0,
+                            spot_check_rate=0.0))  # fmt: skip
+
+    assert result.summary["counts"]["ok"] == 40
+    out = pq.read_table(tmp_path / "dst" / "long.parquet")
+    assert out["n"].to_pylist() == list(range(40))
+    assert {size_of(b)[0] for b in out["image"].to_pylist()} == {(96, 96)}
