@@ -205,7 +205,7 @@ class Assembler:
     there are and all are staged, starts the task that writes its output shards (pipeline.shards)."""
 
     def __init__(
-        self, *, paths: RunPaths, thresholds: Thresholds, input_format: str, shard_rows: int, read_ahead: int = 8
+        self, *, paths: RunPaths, thresholds: Thresholds, input_format: str, shard_rows: int, read_ahead: int
     ) -> None:
         self.paths = paths
         self.thresholds = thresholds
