@@ -23,8 +23,9 @@ Sections (all by default):
             `pipeline_vs_ceiling` and `pipeline_vs_naive` are the ratios of output MP/s.
             Without --quick also the memory runs: peak memory with --scale-images times the photos.
   shards    (only when named) peak memory while one Parquet shard of --shard-mb MB (incompressible
-            512x512 PNGs in row groups of 16 rows, 13 MB) goes through the pipeline, against one of a 16th of
-            its size. Tiles take the skip path (--skip-detail 255) and outputs are JPEG, so that it
+            512x512 PNGs in row groups of 16 rows, 13 MB; or with --shard-kind photos, 384x384 JPEG
+            crops of photos, ~11x smaller than their pixels) goes through the pipeline, against one of
+            a 16th of its size. Tiles take the skip path (--skip-detail 255) and outputs are JPEG, so that it
             takes minutes, not hours, on 2 cores: what is measured is the streaming of the shard
             through reading, staging and writing; the model's memory is per actor, whatever the shard.
 
@@ -623,6 +624,37 @@ def write_noise_shard(path: Path, megabytes: int, *, side: int = 512, group_rows
     return {"rows": rows, "file_bytes": path.stat().st_size, "decoded_bytes": rows * side * side * 3}
 
 
+def write_photo_shard(path: Path, megabytes: int, *, side: int = 384, group_rows: int = 64) -> dict[str, int]:
+    """A Parquet shard of about `megabytes` MB of JPEG photos (quality 90), the LAION case: random
+    side x side crops, mirrored at random, of scikit-image's bundled photos, so that no two rows are
+    alike; they decode to ~11x their bytes. Returns its rows, bytes and decoded bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import skimage.data
+
+    rng = np.random.default_rng(0)
+    sources = [np.asarray(getattr(skimage.data, name)()) for name in PHOTOS]
+    sources = [p for p in sources if min(p.shape[:2]) >= side]
+    schema = pa.schema([("id", pa.int64()), ("caption", pa.string()), ("image", pa.binary())])
+    rows = written = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(path, schema) as writer:
+        while written < megabytes * 1e6:
+            images = []
+            for _ in range(group_rows):
+                photo = sources[rng.integers(len(sources))]
+                y, x = (int(rng.integers(0, n - side + 1)) for n in photo.shape[:2])
+                crop = photo[y : y + side, x : x + side][:, :: rng.choice([1, -1])]
+                buffer = io.BytesIO()
+                Image.fromarray(np.ascontiguousarray(crop)).save(buffer, "JPEG", quality=90)
+                images.append(buffer.getvalue())
+            ids = list(range(rows, rows + group_rows))
+            writer.write_table(pa.table({"id": ids, "caption": [f"photo {i}" for i in ids], "image": images}, schema=schema))
+            rows += group_rows
+            written += sum(len(b) for b in images)
+    return {"rows": rows, "file_bytes": path.stat().st_size, "decoded_bytes": rows * side * side * 3}
+
+
 def bench_shards(args: argparse.Namespace) -> dict[str, object]:
     """Peak memory (PSS of this process and every Ray process) while a Parquet shard of --shard-mb MB,
     and one of a 16th of that, go through `isosr upscale` on a local Ray."""
@@ -631,7 +663,8 @@ def bench_shards(args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {"shard_mb": args.shard_mb, "runs": []}
     for megabytes in (max(1, args.shard_mb // 16), args.shard_mb):
         with tempfile.TemporaryDirectory(prefix="isosr-shards-", dir=args.workdir) as root:
-            shard = write_noise_shard(Path(root) / "in" / "shard.parquet", megabytes)
+            write = write_photo_shard if args.shard_kind == "photos" else write_noise_shard
+            shard = write(Path(root) / "in" / "shard.parquet", megabytes)
             options = RunOptions(
                 src=f"{root}/in", dst=f"{root}/out", skip_detail=255.0, output_format="JPEG", skip_existing=False,
                 spot_check_rate=0.0,
@@ -878,6 +911,8 @@ def main(argv: list[str] | None = None) -> int:
         help="halo and skip sections: a folder of photos, repeatable (default: scikit-image's)",
     )
     parser.add_argument("--shard-mb", type=int, default=1024, help="shards section: the large shard's size (MB)")
+    parser.add_argument("--shard-kind", choices=("noise", "photos"), default="noise",
+                        help="shards section: incompressible PNGs (decoded size = file size) or JPEG photos (~11x)")
     parser.add_argument("--workdir", help="shards section: where the shards and outputs go (default: the temp dir)")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
