@@ -600,56 +600,39 @@ def pipeline_run(
     }
 
 
-def write_noise_shard(path: Path, megabytes: int, *, side: int = 512, group_rows: int = 16) -> dict[str, int]:
-    """A Parquet shard of about `megabytes` MB: incompressible PNGs (random pixels), an id and a caption
-    beside them, written a row group at a time. Returns its rows, bytes and decoded bytes."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rng = np.random.default_rng(0)
-    schema = pa.schema([("id", pa.int64()), ("caption", pa.string()), ("image", pa.binary())])
-    rows = written = 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(path, schema) as writer:
-        while written < megabytes * 1e6:
-            images = []
-            for _ in range(group_rows):
-                buffer = io.BytesIO()
-                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG", compress_level=1)
-                images.append(buffer.getvalue())
-            ids = list(range(rows, rows + group_rows))
-            writer.write_table(pa.table({"id": ids, "caption": [f"noise {i}" for i in ids], "image": images}, schema=schema))
-            rows += group_rows
-            written += sum(len(b) for b in images)
-    return {"rows": rows, "file_bytes": path.stat().st_size, "decoded_bytes": rows * side * side * 3}
-
-
-def write_photo_shard(path: Path, megabytes: int, *, side: int = 384, group_rows: int = 64) -> dict[str, int]:
-    """A Parquet shard of about `megabytes` MB of JPEG photos (quality 90), the LAION case: random
-    side x side crops, mirrored at random, of scikit-image's bundled photos, so that no two rows are
-    alike; they decode to ~11x their bytes. Returns its rows, bytes and decoded bytes."""
+def write_shard(path: Path, megabytes: int, kind: str = "noise") -> dict[str, int]:
+    """A Parquet shard of about `megabytes` MB of images beside an id and a caption, written a row
+    group at a time. Returns its rows, bytes and decoded bytes. The images, by `kind`:
+      noise   512x512 incompressible PNGs (random pixels), 16 a row group: decoded size = file size;
+      photos  384x384 JPEG crops (quality 90), mirrored at random, of scikit-image's bundled photos,
+              64 a row group, no two alike: the LAION case, ~11x smaller than their pixels."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import skimage.data
 
+    side, group_rows = (384, 64) if kind == "photos" else (512, 16)
     rng = np.random.default_rng(0)
-    sources = [np.asarray(getattr(skimage.data, name)()) for name in PHOTOS]
-    sources = [p for p in sources if min(p.shape[:2]) >= side]
+    photos = [p for p in (np.asarray(getattr(skimage.data, name)()) for name in PHOTOS) if min(p.shape[:2]) >= side]
+
+    def image() -> bytes:
+        buffer = io.BytesIO()
+        if kind == "photos":
+            photo = photos[rng.integers(len(photos))]
+            y, x = (int(rng.integers(0, n - side + 1)) for n in photo.shape[:2])
+            crop = np.ascontiguousarray(photo[y : y + side, x : x + side][:, :: rng.choice([1, -1])])
+            Image.fromarray(crop).save(buffer, "JPEG", quality=90)
+        else:
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG", compress_level=1)
+        return buffer.getvalue()
+
     schema = pa.schema([("id", pa.int64()), ("caption", pa.string()), ("image", pa.binary())])
     rows = written = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     with pq.ParquetWriter(path, schema) as writer:
         while written < megabytes * 1e6:
-            images = []
-            for _ in range(group_rows):
-                photo = sources[rng.integers(len(sources))]
-                y, x = (int(rng.integers(0, n - side + 1)) for n in photo.shape[:2])
-                crop = photo[y : y + side, x : x + side][:, :: rng.choice([1, -1])]
-                buffer = io.BytesIO()
-                Image.fromarray(np.ascontiguousarray(crop)).save(buffer, "JPEG", quality=90)
-                images.append(buffer.getvalue())
+            images = [image() for _ in range(group_rows)]
             ids = list(range(rows, rows + group_rows))
-            writer.write_table(pa.table({"id": ids, "caption": [f"photo {i}" for i in ids], "image": images}, schema=schema))
+            writer.write_table(pa.table({"id": ids, "caption": [f"{kind} {i}" for i in ids], "image": images}, schema=schema))
             rows += group_rows
             written += sum(len(b) for b in images)
     return {"rows": rows, "file_bytes": path.stat().st_size, "decoded_bytes": rows * side * side * 3}
@@ -663,8 +646,7 @@ def bench_shards(args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {"shard_mb": args.shard_mb, "runs": []}
     for megabytes in (max(1, args.shard_mb // 16), args.shard_mb):
         with tempfile.TemporaryDirectory(prefix="isosr-shards-", dir=args.workdir) as root:
-            write = write_photo_shard if args.shard_kind == "photos" else write_noise_shard
-            shard = write(Path(root) / "in" / "shard.parquet", megabytes)
+            shard = write_shard(Path(root) / "in" / "shard.parquet", megabytes, args.shard_kind)
             options = RunOptions(
                 src=f"{root}/in", dst=f"{root}/out", skip_detail=255.0, output_format="JPEG", skip_existing=False,
                 spot_check_rate=0.0,
