@@ -189,7 +189,7 @@ def plan_inputs(
     first, so that a new input never takes over the output of one processed before."""
     if inputs is None:
         options, inputs = resolve_inputs(options)
-    sharded = options.input_format in (shards.PARQUET, shards.WEBDATASET)
+    sharded = options.input_format in shards.SHARD_FORMATS
     existing = storage.list_files(options.dst) if options.skip_existing else set()
     todo, settled = [], []
     claimed: dict[str, str] = {}  # output path -> the key that writes it
@@ -237,7 +237,7 @@ def plan_inputs(
 def output_of(options: RunOptions, key: str) -> tuple[str | None, str]:
     """(output format, output URI) of the input at `key`; a shard's first output file has its
     relative name, and its rows' format is each image's own (None here) unless --format says."""
-    if options.input_format in (shards.PARQUET, shards.WEBDATASET):
+    if options.input_format in shards.SHARD_FORMATS:
         return options.output_format, storage.join(options.dst, key)
     fmt = output_format(key, options.output_format)
     return fmt, storage.join(options.dst, storage.with_suffix(key, output_suffix(key, fmt)))
@@ -279,7 +279,7 @@ def build_dataset(
     # A quarter CPU: decoding is light. Resources unlike the model actor's (which holds 1 or 0.5) also
     # keep Ray from fusing decoding into the actor, which would pin an image's bands to it.
     stage, compute, cpus, kwargs = decode_stage, None, 0.25, decode
-    if options.input_format in (shards.PARQUET, shards.WEBDATASET):
+    if options.input_format in shards.SHARD_FORMATS:
         # A generator: each shard streams out row by row, staying a few rows ahead of the rows staged
         # (Assembler.may_read), so a reader lasts as long as its shard and waits most of that time.
         # No CPU for it, at most one per model actor: Ray Data reserves CPU for each running stage out

@@ -50,6 +50,7 @@ from pipeline.manifest import FAILED, OK, SKIPPED
 
 IMAGES, PARQUET, WEBDATASET = "images", "parquet", "webdataset"
 INPUT_FORMATS = (IMAGES, PARQUET, WEBDATASET)
+SHARD_FORMATS = (PARQUET, WEBDATASET)
 SUFFIXES = {IMAGES: tuple(FORMATS), PARQUET: (".parquet",), WEBDATASET: (".tar",)}
 DEFAULT_SHARD_ROWS = 1000  # rows per output file: ×4 outputs are ~16× the input's bytes
 READ_BATCH_ROWS = 8  # rows per pyarrow read: a few images, not a row group
@@ -77,7 +78,7 @@ class ShardError(ValueError):
 def kind_of(key: str) -> str:
     """The input format a file's suffix names (loose image for anything else)."""
     suffix = posixpath.splitext(key)[1].lower()
-    return next((kind for kind in (PARQUET, WEBDATASET) if suffix in SUFFIXES[kind]), IMAGES)
+    return next((kind for kind in SHARD_FORMATS if suffix in SUFFIXES[kind]), IMAGES)
 
 
 def list_src(src: str, dst: str, requested: str | None) -> tuple[str, list[storage.InputFile]]:

@@ -186,12 +186,7 @@ class ImageSink(Datasink[list[dict[str, Any]]]):
         else:
             values = {}
         out = manifest_row(row, run_id=self.paths.run_id, thresholds=self.thresholds, **values)
-        data = row["data"] if row["status"] == OK else row["payload"]  # a failed row passes through as it came
-        storage.write_atomic(
-            self.paths.shard_row(row["shard"], int(row["row_index"])), shards.staged_row({**row, **out}, data)
-        )
-        out["write_s"] = time.perf_counter() - started
-        ray.get(self.assembler.row_done.remote(out))
+        stage_shard_row(self.paths, self.assembler, row, out, row["data"], started=started)
 
     def on_write_complete(self, write_result: WriteResult[list[dict[str, Any]]]) -> None:
         self.rows = [row for rows in write_result.write_returns for row in rows]
@@ -331,15 +326,30 @@ def assemble(
         )
     storage.remove(paths.staging(first["key"], 0).rsplit("/", 1)[0])
     if first["shard"] is not None:
-        data = data if row["status"] == OK else first["payload"]
-        storage.write_atomic(
-            paths.shard_row(first["shard"], int(first["row_index"])), shards.staged_row({**first, **row}, data)
-        )
-        ray.get(assembler.row_done.remote(row))
+        stage_shard_row(paths, assembler, first, row, data if row["status"] == OK else None)
         return []
     _Metrics.get().record(row)
     write_rows(paths, [row])
     return [row]
+
+
+def stage_shard_row(
+    paths: RunPaths,
+    assembler: ray.actor.ActorHandle,
+    row: dict[str, Any],
+    out: dict[str, Any],
+    data: bytes | None,
+    *,
+    started: float | None = None,
+) -> None:
+    """Stage a finished row of an image shard for its shard's assembly (assemble_shard), then tell the
+    Assembler. `row`: the pipeline's row; `out`: its manifest row; `data`: its encoded output (a failed
+    row passes its input bytes through as they came). `started`: when its write began (write_s)."""
+    data = data if out["status"] == OK else row["payload"]
+    storage.write_atomic(paths.shard_row(row["shard"], int(row["row_index"])), shards.staged_row({**row, **out}, data))
+    if started is not None:
+        out["write_s"] = time.perf_counter() - started
+    ray.get(assembler.row_done.remote(out))
 
 
 @ray.remote(num_cpus=1)
