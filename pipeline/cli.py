@@ -29,7 +29,7 @@ from pathlib import Path
 from model.tiling import DEFAULT_BATCH_SIZE, DEFAULT_HALO, DEFAULT_SKIP_DETAIL
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.quality import DEFAULT_SPOT_CHECK_RATE
-from pipeline.shards import DEFAULT_SHARD_ROWS, INPUT_FORMATS
+from pipeline.shards import DEFAULT_SHARD_ROWS, INPUT_FORMATS, SHARD_FORMATS
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_STORAGE = 0, 2, 3, 5
 DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "camera")  # scikit-image's bundled photos (camera is grey)
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--shards",
-        choices=["parquet", "webdataset"],
+        choices=SHARD_FORMATS,
         help="put the photos in one image shard of this kind first (in OUT/<kind>/input/) and upscale that "
         "into OUT/<kind>/output/",
     )
