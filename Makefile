@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (each installs what it needs into .venv first):
 #   make demo   upscale scikit-image's sample photos into ./isosr-demo/output
-#   make test   run the test suite (what .ci/run runs)
+#   make test   lint (ruff), then run the test suite (what .ci/run runs)
 # GPU users: install your CUDA build of torch into .venv first, or pass TORCH= to keep it.
 
 PYTHON ?= python3
@@ -22,6 +22,8 @@ demo: $(VENV)/.installed
 	$(BIN)/isosr demo
 
 test: $(VENV)/.installed
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --check --no-cache .
 	@# The report test opens report.html in a real headless browser: Debian's chromium.
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "chromium is not installed: the browser test of report.html will be skipped"

@@ -554,7 +554,10 @@ class PeakMemory:
                 self.peak = max(self.peak, total)
                 if ray.is_initialized():
                     with contextlib.suppress(Exception):  # Ray may be shutting down under us
-                        used = ray.cluster_resources()["object_store_memory"] - ray.available_resources()["object_store_memory"]
+                        used = (
+                            ray.cluster_resources()["object_store_memory"]
+                            - ray.available_resources()["object_store_memory"]
+                        )
                         self.peak_objects = max(self.peak_objects, int(used))
                 self._stop.wait(interval)
 
@@ -632,7 +635,9 @@ def write_shard(path: Path, megabytes: int, kind: str = "noise") -> dict[str, in
         while written < megabytes * 1e6:
             images = [image() for _ in range(group_rows)]
             ids = list(range(rows, rows + group_rows))
-            writer.write_table(pa.table({"id": ids, "caption": [f"{kind} {i}" for i in ids], "image": images}, schema=schema))
+            writer.write_table(
+                pa.table({"id": ids, "caption": [f"{kind} {i}" for i in ids], "image": images}, schema=schema)
+            )
             rows += group_rows
             written += sum(len(b) for b in images)
     return {"rows": rows, "file_bytes": path.stat().st_size, "decoded_bytes": rows * side * side * 3}
@@ -857,7 +862,11 @@ def markdown(results: dict[str, object]) -> str:
                      f"{p['max_pixel_difference_vs_naive']}.")]  # fmt: skip
     if "shards" in results:
         r = results["shards"]
-        out += ["", "**One Parquet shard through the pipeline** (incompressible 512x512 PNGs, skip path, JPEG out):", ""]
+        out += [
+            "",
+            "**One Parquet shard through the pipeline** (incompressible 512x512 PNGs, skip path, JPEG out):",
+            "",
+        ]
         out += _table(
             ["shard", "rows", "decoded size", "seconds", "output MP", "peak PSS, all processes",
              "of it private (heaps)", "peak of live objects in Ray's store"],
@@ -893,8 +902,12 @@ def main(argv: list[str] | None = None) -> int:
         help="halo and skip sections: a folder of photos, repeatable (default: scikit-image's)",
     )
     parser.add_argument("--shard-mb", type=int, default=1024, help="shards section: the large shard's size (MB)")
-    parser.add_argument("--shard-kind", choices=("noise", "photos"), default="noise",
-                        help="shards section: incompressible PNGs (decoded size = file size) or JPEG photos (~11x)")
+    parser.add_argument(
+        "--shard-kind",
+        choices=("noise", "photos"),
+        default="noise",
+        help="shards section: incompressible PNGs (decoded size = file size) or JPEG photos (~11x)",
+    )
     parser.add_argument("--workdir", help="shards section: where the shards and outputs go (default: the temp dir)")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]

@@ -151,16 +151,17 @@ def load_checkpoint(uri: str | os.PathLike, *, device: str | torch.device = "cpu
     metadata = _read_metadata(uri, data)
     if CONFIG_KEY not in metadata:
         raise CheckpointError(
-            uri, f"its metadata has no {CONFIG_KEY!r} entry, so the network it holds is unknown; save it with save_checkpoint"
+            uri,
+            f"its metadata has no {CONFIG_KEY!r} entry, so the network it holds is unknown; save it with save_checkpoint",
         )
     try:
         config = DenseIsoViTConfig.from_json(metadata[CONFIG_KEY])
         model = DenseIsoViT(config)
-    except Exception as e:  # any config the network cannot be built from
+    except Exception as e:  # noqa: BLE001 - any config the network cannot be built from
         raise CheckpointError(uri, f"bad {CONFIG_KEY!r} in its metadata: {e}") from None
     try:
         state = _canonical(safetensors.torch.load(data))
-    except Exception as e:  # safetensors raises its own error types for corrupt payloads
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt payloads
         raise CheckpointError(uri, f"not a readable safetensors file: {e}") from None
     _check_state(uri, model.state_dict(), state)
     model.load_state_dict(state, strict=True)

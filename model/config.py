@@ -99,7 +99,7 @@ class DenseIsoViTConfig:
         """Rebuild a config; unknown or missing-but-required fields raise ValueError/TypeError."""
         raw = json.loads(text)
         if not isinstance(raw, dict):
-            raise ValueError(f"config JSON must be an object, got {type(raw).__name__}")
+            raise TypeError(f"config JSON must be an object, got {type(raw).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:

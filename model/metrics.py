@@ -65,9 +65,7 @@ def _luma(img255: np.ndarray) -> np.ndarray:
     return img255
 
 
-def _prepare(
-    img: np.ndarray, ref: np.ndarray, crop_border: int, y_channel: bool
-) -> tuple[np.ndarray, np.ndarray]:
+def _prepare(img: np.ndarray, ref: np.ndarray, crop_border: int, y_channel: bool) -> tuple[np.ndarray, np.ndarray]:
     """Validate, quantise, crop and optionally Y-convert a pair; returns HxWxC float64."""
     img, ref = np.asarray(img), np.asarray(ref)
     if img.shape != ref.shape:
@@ -78,8 +76,7 @@ def _prepare(
     h, w = a.shape[:2]
     if 2 * crop_border >= min(h, w):
         raise ValueError(
-            f"crop_border={crop_border} leaves nothing of a {h}x{w} image "
-            f"(needs 2*crop_border < {min(h, w)})"
+            f"crop_border={crop_border} leaves nothing of a {h}x{w} image (needs 2*crop_border < {min(h, w)})"
         )
     if crop_border:
         a = a[crop_border:-crop_border, crop_border:-crop_border]
@@ -103,9 +100,7 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
     return _luma(_to_255(img))
 
 
-def psnr(
-    img: np.ndarray, ref: np.ndarray, *, crop_border: int = 4, y_channel: bool = False
-) -> float:
+def psnr(img: np.ndarray, ref: np.ndarray, *, crop_border: int = 4, y_channel: bool = False) -> float:
     """PSNR in dB on the [0, 255] scale, after cropping ``crop_border`` px per side.
 
     MSE is taken over every remaining value (all channels together). Returns
@@ -132,9 +127,7 @@ def _filter_valid(x: np.ndarray, k: np.ndarray) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(x, n, axis=1) @ k
 
 
-def ssim(
-    img: np.ndarray, ref: np.ndarray, *, crop_border: int = 4, y_channel: bool = False
-) -> float:
+def ssim(img: np.ndarray, ref: np.ndarray, *, crop_border: int = 4, y_channel: bool = False) -> float:
     """Mean SSIM (BasicSR's ``_ssim``), averaged over channels.
 
     11x11 normalised Gaussian window (sigma 1.5), C1 = (0.01*255)^2,
@@ -197,9 +190,7 @@ def bicubic_downscale(img: torch.Tensor, scale: int = 4) -> torch.Tensor:
     batched = x.dim() == 4
     if not batched:
         x = x.unsqueeze(0)
-    out = F.interpolate(
-        x, size=(h // scale, w // scale), mode="bicubic", antialias=True, align_corners=False
-    )
+    out = F.interpolate(x, size=(h // scale, w // scale), mode="bicubic", antialias=True, align_corners=False)
     # Bicubic overshoots near edges; keep the LR image a valid image.
     out = out.clamp_(0.0, 1.0)
     return out if batched else out.squeeze(0)

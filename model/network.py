@@ -59,7 +59,7 @@ class GDFN(nn.Module):
         self.out_proj = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
+        B = x.shape[0]
         h = self.g_proj(x).transpose(1, 2).reshape(B, -1, self.grid, self.grid)  # (B, 2H, g, g)
         a, b = self.paths(h).chunk(2, dim=1)  # each (B, H, g, g)
         y = (a * F.gelu(b)).flatten(2).transpose(1, 2)  # (B, N, H)
@@ -80,7 +80,9 @@ class TransformerBlock(nn.Module):
 
 
 class Stage(nn.Module):
-    def __init__(self, *, dim: int, depth: int, num_heads: int, hidden: int, grid: int, qkv_bias: bool, eps: float) -> None:
+    def __init__(
+        self, *, dim: int, depth: int, num_heads: int, hidden: int, grid: int, qkv_bias: bool, eps: float
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             TransformerBlock(dim=dim, num_heads=num_heads, hidden=hidden, grid=grid, qkv_bias=qkv_bias, eps=eps)
@@ -146,7 +148,9 @@ class DenseIsoViT(nn.Module):
         c = self.config
         B, _, H, W = lr.shape
         if (H, W) != (c.tile_size, c.tile_size):
-            raise ValueError(f"Dense-Iso-ViT takes {c.tile_size}x{c.tile_size} tiles, got {H}x{W}; tile the image first")
+            raise ValueError(
+                f"Dense-Iso-ViT takes {c.tile_size}x{c.tile_size} tiles, got {H}x{W}; tile the image first"
+            )
         g = c.grid_size
         x = self.patch_embed(lr).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, C0), N = g*g
         features = []

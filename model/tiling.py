@@ -21,6 +21,7 @@ Everything here is numpy; the network is any `TileModel`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -29,7 +30,6 @@ from typing import Protocol
 
 import numpy as np
 from scipy import ndimage
-
 
 DEFAULT_HALO = 4  # input pixels of overlap per tile side: (64 / 56)^2 = 1.31x the compute of none
 DEFAULT_BATCH_SIZE = 8  # tiles per forward pass: 4-8 is best on CPU (RESULTS.md)
@@ -171,7 +171,7 @@ def split_rows(plan: TilePlan, scale: int, *, max_tiles: int, min_rows: int = 4)
         cuts.append(first - first % scale)
     cuts.append(scale * plan.height)
     bands = []
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         needed = [
             j
             for j, (y, w) in enumerate(zip(plan.ys, weights))
@@ -354,7 +354,9 @@ class _Job:
         return all(c.done for c in self.canvases)
 
 
-def upscale_pieces(pieces: Iterable[Piece], model: TileModel, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[np.ndarray]:
+def upscale_pieces(
+    pieces: Iterable[Piece], model: TileModel, *, batch_size: int = DEFAULT_BATCH_SIZE
+) -> Iterator[np.ndarray]:
     """Upscale pieces by model.scale, yielding each one's owned output rows (same layout and dtype)
     in input order as soon as its last tile is blended. Tiles of consecutive pieces share batches of
     `batch_size`; a piece is taken from `pieces` only when its tiles are needed to fill a batch.
@@ -412,12 +414,12 @@ def upscale_arrays(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    pieces = (
-        split_image(image, tile=model.tile_size, scale=model.scale, halo=halo)[0] for image in images
-    )
+    pieces = (split_image(image, tile=model.tile_size, scale=model.scale, halo=halo)[0] for image in images)
     return upscale_pieces(pieces, model, batch_size=batch_size)
 
 
-def upscale_array(image: np.ndarray, model: TileModel, *, halo: int = DEFAULT_HALO, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+def upscale_array(
+    image: np.ndarray, model: TileModel, *, halo: int = DEFAULT_HALO, batch_size: int = DEFAULT_BATCH_SIZE
+) -> np.ndarray:
     """Upscale one image; see `upscale_arrays` for what is accepted and guaranteed."""
     return next(upscale_arrays([image], model, halo=halo, batch_size=batch_size))

@@ -36,7 +36,9 @@ def colour_8bit(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def consistency_sse(output_rows: np.ndarray, input_rows: np.ndarray, *, top: bool, bottom: bool, scale: int = 4) -> tuple[float, int]:
+def consistency_sse(
+    output_rows: np.ndarray, input_rows: np.ndarray, *, top: bool, bottom: bool, scale: int = 4
+) -> tuple[float, int]:
     """(sum of squared errors on the 8-bit scale, value count) between `output_rows` downscaled x`scale`
     and `input_rows`. The 4 px border is left out on the left and right, and on the top/bottom when
     these rows are the image's first/last. Rows too few for the border give (0.0, 0)."""

@@ -183,7 +183,7 @@ def test_fp16_save_halves_the_file_and_stays_close(tmp_path: Path) -> None:
     ratio = fp16.stat().st_size / fp32.stat().st_size
     assert 0.45 < ratio < 0.55, ratio
     with safetensors.safe_open(str(fp16), framework="pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118 - safe_open is not iterable
 
     ckpt = load_checkpoint(fp16)
     assert ckpt.sha256 == digest16
@@ -200,7 +200,7 @@ def test_fp16_save_halves_the_file_and_stays_close(tmp_path: Path) -> None:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -522,7 +522,7 @@ def fail_writes(monkeypatch: pytest.MonkeyPatch):
     seen: list[bytes | None] = []
 
     def fake_open(path, mode="r", *args, **kwargs):
-        real = open(path, mode, *args, **kwargs)
+        real = open(path, mode, *args, **kwargs)  # noqa: SIM115 - handed back open, as open() does
         if "w" not in mode:
             return real
         target = Path(str(path).split(".tmp-")[0])

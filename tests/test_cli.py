@@ -43,7 +43,7 @@ def inputs(tmp_path: Path) -> Path:
     Image.fromarray(rgb[..., 1]).save(src / "nested" / "grey.png")
     rgba = np.dstack([rgb, np.linspace(0, 255, 70 * 90).reshape(70, 90).astype(np.uint8)])
     Image.fromarray(rgba).save(src / "nested" / "deeper" / "alpha.png")
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(src / "grey16.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(src / "grey16.png")
     Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(src / "anim.gif")
     return src
 
@@ -122,7 +122,10 @@ def test_format_option_and_single_file(ray_local: None, inputs: Path, tmp_path: 
         (["upscale", "{tmp}/src", "{tmp}/out", "--spot-check-rate", "2"], "must be between 0 and 1"),
         (["upscale", "{tmp}/src", "{tmp}/out", "--skip-detail", "-1"], "must be 0 or more"),
         (["upscale", "{tmp}/src", "{tmp}/out", "--checkpoint-sha256", "abc"], "must be 64 hexadecimal digits"),
-        (["upscale", "{tmp}/src", "{tmp}/out", "--checkpoint-sha256", "0" * 64], "but --checkpoint-sha256 asks for 0000"),
+        (
+            ["upscale", "{tmp}/src", "{tmp}/out", "--checkpoint-sha256", "0" * 64],
+            "but --checkpoint-sha256 asks for 0000",
+        ),
         (["upscale", "{tmp}/src", "{tmp}/out", "--format", "xcf"], "invalid choice"),
         (["upscale", "{tmp}/src", "{tmp}/src/"], "same place"),
         (["upscale", "{tmp}/src", "{tmp}/src/../src"], "same place"),
@@ -130,10 +133,19 @@ def test_format_option_and_single_file(ray_local: None, inputs: Path, tmp_path: 
         (["frobnicate"], "invalid choice"),
     ],
     ids=[
-        "missing-src", "halo", "batch-size", "spot-check-rate", "skip-detail", "sha256-not-hex", "sha256-mismatch",
-        "format", "src-is-dst",
-        "src-is-dst-spelled-differently", "missing-checkpoint", "command",
-    ],  # fmt: skip
+        "missing-src",
+        "halo",
+        "batch-size",
+        "spot-check-rate",
+        "skip-detail",
+        "sha256-not-hex",
+        "sha256-mismatch",
+        "format",
+        "src-is-dst",
+        "src-is-dst-spelled-differently",
+        "missing-checkpoint",
+        "command",
+    ],
 )
 def test_usage_errors_exit_2_with_a_message(
     args: list[str], message: str, tmp_path: Path, tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]
@@ -158,7 +170,9 @@ def test_usage_errors_exit_2_with_a_message(
 def test_info_reports_the_full_models_parameter_count() -> None:
     script = Path(sys.executable).with_name("isosr")  # the installed console script
     assert script.exists(), f"{script} is missing: install the package (pip install -e .)"
-    run = subprocess.run([str(script), "info", "--variant", "full"], capture_output=True, text=True, check=True, timeout=120)
+    run = subprocess.run(
+        [str(script), "info", "--variant", "full"], capture_output=True, text=True, check=True, timeout=120
+    )
     millions = float(re.search(r"parameters [\d,]+ \(([\d.]+) M\)", run.stdout).group(1))
     assert abs(millions - 23.8) / 23.8 <= 0.01
     assert "variant full" in run.stdout

@@ -300,7 +300,7 @@ def test_every_output_mirrors_its_input(mixed: MixedRun) -> None:
     assert grey16.dtype.itemsize == 2 and np.count_nonzero(grey16 % 257) > grey16.size // 2  # not 8-bit widened
 
     # Nothing else lands in DST: no temporaries, no output for a non-input; records only under _isosr/.
-    written = [k[len(mixed.dst) + 1 :] for k in store.keys() if k.startswith(mixed.dst + "/")]
+    written = [k[len(mixed.dst) + 1 :] for k in store.keys() if k.startswith(mixed.dst + "/")]  # noqa: SIM118 - Store is not a mapping
     outputs = sorted(k for k in written if not k.startswith("_isosr/"))
     assert outputs == sorted(e.output for _, e in tree.values())
 
@@ -357,6 +357,7 @@ def test_manifest_has_one_ok_row_per_input_and_the_model_version(mixed: MixedRun
 
 def header_only_png(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height, with one tiny (wrong) data chunk: a pixel bomb."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -409,7 +410,7 @@ def test_bad_inputs_are_reported_and_never_stop_the_job(
     for key, data in good.items():
         with Image.open(io.BytesIO(data)) as before, Image.open(io.BytesIO(store.get(f"dst/{key}"))) as after:
             assert after.size == (4 * before.width, 4 * before.height), key
-    outputs = [k for k in store.keys() if k.startswith("dst/") and not k.startswith("dst/_isosr/")]
+    outputs = [k for k in store.keys() if k.startswith("dst/") and not k.startswith("dst/_isosr/")]  # noqa: SIM118
     assert sorted(outputs) == sorted(f"dst/{k}" for k in good)
 
     [run_dir] = store.run_dirs("dst")
@@ -476,7 +477,9 @@ def test_two_inputs_never_share_one_output(ray_local: None, tmp_path: Path, tiny
     assert all(r["error"] for r in rows if r["status"] != "ok")
 
 
-def test_flat_tiles_skip_the_network_and_the_manifest_counts_them(ray_local: None, tmp_path: Path, tiny_checkpoint: str) -> None:
+def test_flat_tiles_skip_the_network_and_the_manifest_counts_them(
+    ray_local: None, tmp_path: Path, tiny_checkpoint: str
+) -> None:
     """A scan with a blank margin: its margin's tiles take the skip path (the margin comes out its
     exact colour); a photo's tiles all run the network."""
     store = Store(root=tmp_path)
@@ -579,8 +582,17 @@ def test_a_large_image_cut_into_bands_comes_out_exactly_as_whole(tall: TallRuns)
 
     # max_tiles=4 really does cut this image: decoding yields more than one piece of work.
     listing = pa.Table.from_pylist(
-        [dict(source=tall.store.uri("src/tall.png"), key="tall.png", size_bytes=0, source_version="v",
-              output="unused", out_format="PNG", spot_check=False)]  # fmt: skip
+        [
+            {
+                "source": tall.store.uri("src/tall.png"),
+                "key": "tall.png",
+                "size_bytes": 0,
+                "source_version": "v",
+                "output": "unused",
+                "out_format": "PNG",
+                "spot_check": False,
+            }
+        ]
     )
     pieces = decode_stage(listing, tile=64, scale=4, halo=4, max_tiles=4, max_pixels=None)
     assert pieces.num_rows >= 2 and set(pieces.column("piece_count").to_pylist()) == {pieces.num_rows}
@@ -610,8 +622,8 @@ def test_at_least_one_image_is_spot_checked_at_rate_zero(tall: TallRuns) -> None
         assert len(checked) == 1, checked
         assert checked[0]["rt_gain_db"] is not None and math.isfinite(checked[0]["rt_gain_db"])
     # The same image on both runs, with the same scores: the round trip of a banded image is kept.
-    split = [r for r in tall.split.manifest.to_pylist() if r["spot_check"]][0]
-    whole = [r for r in tall.whole.manifest.to_pylist() if r["spot_check"]][0]
+    split = next(r for r in tall.split.manifest.to_pylist() if r["spot_check"])
+    whole = next(r for r in tall.whole.manifest.to_pylist() if r["spot_check"])
     assert split["key"] == whole["key"] == "tall.png"
     for score in RT_SCORES:
         assert split[score] == pytest.approx(whole[score], abs=1e-9), score
@@ -621,15 +633,19 @@ def test_at_least_one_image_is_spot_checked_at_rate_zero(tall: TallRuns) -> None
 
 
 @pytest.mark.parametrize("on", ["gpu", "cpu", "parquet"])
-def test_the_plan_has_no_barrier_and_keeps_decoding_off_the_model_actor(ray_local: None, tiny_checkpoint: str, on: str) -> None:
+def test_the_plan_has_no_barrier_and_keeps_decoding_off_the_model_actor(
+    ray_local: None, tiny_checkpoint: str, on: str
+) -> None:
     from pipeline.run import Placement, build_dataset
 
     rows = [
-        dict(source=f"/nowhere/{i}.png", key=f"{i}.png", size_bytes=1, source_version="v", output=f"/out/{i}.png",
-             out_format="PNG", spot_check=False)
+        {"source": f"/nowhere/{i}.png", "key": f"{i}.png", "size_bytes": 1, "source_version": "v", "output": f"/out/{i}.png",
+             "out_format": "PNG", "spot_check": False}
         for i in range(3)
     ]  # fmt: skip
-    options = RunOptions(src="/nowhere", dst="/out", checkpoint=tiny_checkpoint, input_format="parquet" if on == "parquet" else None)
+    options = RunOptions(
+        src="/nowhere", dst="/out", checkpoint=tiny_checkpoint, input_format="parquet" if on == "parquet" else None
+    )
     placement = Placement(1.0, 1.0, None, (1, 2)) if on != "cpu" else Placement(0.0, 0.5, 1, (2, 2))
     ds = build_dataset(rows, options, tile=64, scale=4, placement=placement)
     text = io.StringIO()

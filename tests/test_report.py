@@ -24,7 +24,7 @@ SHA = "ab" * 32
 
 
 def _ok(key: str, consistency: float | None, **extra: object) -> dict[str, object]:
-    row = dict(run_id="r1", key=key, status="ok", width=100, height=50, out_width=400, out_height=200)
+    row = {"run_id": "r1", "key": key, "status": "ok", "width": 100, "height": 50, "out_width": 400, "out_height": 200}
     row.update(consistency_psnr=consistency, spot_check=False, model_sha256=SHA)
     row.update(extra)
     return row
@@ -46,8 +46,15 @@ def _manifest(gains: tuple[float, float] = (1.0, 2.0)):
             _ok("c.png", 25.0),  # below the 30 dB default
             _ok("d.png", math.inf),  # identical: kept out of the means
             _ok("e.png", None, flags="seam"),
-            dict(run_id="r1", key=HOSTILE, status="failed", error="cannot identify image <bytes> & co"),
-            dict(run_id="r1", key="old.png", status="skipped", error="output exists", width=10, height=10),
+            {"run_id": "r1", "key": HOSTILE, "status": "failed", "error": "cannot identify image <bytes> & co"},
+            {
+                "run_id": "r1",
+                "key": "old.png",
+                "status": "skipped",
+                "error": "output exists",
+                "width": 10,
+                "height": 10,
+            },
         ]
     )
 
@@ -106,7 +113,7 @@ def test_no_spot_check_is_a_job_flag() -> None:
     "rows",
     [
         [],
-        [dict(key="x.png", status="failed", error="empty file (0 bytes)")],
+        [{"key": "x.png", "status": "failed", "error": "empty file (0 bytes)"}],
         [_ok("nan.png", math.nan), _ok("inf.png", math.inf, spot_check=True, rt_gain_db=math.nan)],
     ],
     ids=["empty", "all-failed", "nan-and-inf"],
@@ -210,7 +217,7 @@ def test_report_renders_in_a_browser(browser, tmp_path: Path) -> None:
         _spot("astronaut.png", 41.0, 29.0, 29.8),
         _spot("coffee.png", 35.0, 31.0, 31.8),
         _ok("flat.png", math.inf),
-        dict(run_id="r1", key=HOSTILE, status="failed", error="truncated file: 17 of 2048 bytes"),
+        {"run_id": "r1", "key": HOSTILE, "status": "failed", "error": "truncated file: 17 of 2048 bytes"},
     ]
     manifest = table(rows)
     summary = summarize(manifest, run_id="r1", seconds=3.0, thresholds=Thresholds())

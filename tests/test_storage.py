@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -63,7 +63,7 @@ def all_files(root: Path) -> list[str]:
 
 
 def iso_utc(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="microseconds")
+    return datetime.fromtimestamp(seconds, tz=UTC).isoformat(timespec="microseconds")
 
 
 # ----------------------------------------------------------------------------- S3 fixture

@@ -14,6 +14,7 @@ Figures are printed (run with -s to see them).
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import re
 
@@ -164,13 +165,13 @@ def test_axis_starts_cover_the_axis_with_tiles_inside(length: int, halo: int) ->
     assert starts[0] == 0
     assert starts[-1] + TILE == extent, "last tile must end exactly at the edge"
     assert all(0 <= s and s + TILE <= extent for s in starts), "every tile inside the axis"
-    assert all(a < b for a, b in zip(starts, starts[1:])), f"starts not strictly increasing: {starts}"
+    assert all(a < b for a, b in itertools.pairwise(starts)), f"starts not strictly increasing: {starts}"
     covered = np.zeros(extent, bool)
     for s in starts:
         covered[s : s + TILE] = True
     assert covered.all(), f"pixels {np.flatnonzero(~covered)[:5]} not covered"
     # Context: neighbours overlap by at least 2*halo (exactly 2*halo except at a moved-back last tile).
-    overlaps = [a + TILE - b for a, b in zip(starts, starts[1:])]
+    overlaps = [a + TILE - b for a, b in itertools.pairwise(starts)]
     assert all(o >= 2 * halo for o in overlaps), overlaps
     assert all(o == 2 * halo for o in overlaps[:-1]), overlaps
     # The unpadded length (as axis_starts is documented for) gives the same tiles.
@@ -221,7 +222,9 @@ def test_blend_weight_sum_exhaustive_minimum() -> None:
             if total.min() < worst[0]:
                 worst = (float(total.min()), (length, halo))
     seen = min(MIN_WEIGHT_SUM_SEEN) if MIN_WEIGHT_SUM_SEEN else float("nan")
-    print(f"\nmin 1D blend weight sum: exhaustive {worst[0]:.6f} at (length, halo) = {worst[1]}; hypothesis saw {seen:.6f}")
+    print(
+        f"\nmin 1D blend weight sum: exhaustive {worst[0]:.6f} at (length, halo) = {worst[1]}; hypothesis saw {seen:.6f}"
+    )
     assert worst[0] >= 0.5  # far from 0: no pixel is dominated by a tile's context-less edge
 
 
@@ -438,7 +441,9 @@ def test_shared_batches_give_identical_results_in_input_order(tiny_net: TileUpsc
         alone = upscale_array(image, PerTileForward(tiny_net), halo=HALO, batch_size=1)
         assert out.shape == alone.shape == (4 * image.shape[0], 4 * image.shape[1]) + image.shape[2:], i
         assert out.dtype == image.dtype
-        assert np.array_equal(out, alone), f"image {i}: packed differs from alone by {np.abs(out.astype(int) - alone).max()}"
+        assert np.array_equal(out, alone), (
+            f"image {i}: packed differs from alone by {np.abs(out.astype(int) - alone).max()}"
+        )
     # The residual is really non-zero: the network is not just the bilinear skip.
     plain = upscale_array(images[0], Bilinear(), halo=HALO)
     assert np.abs(packed[0].astype(int) - plain).max() >= 2
@@ -507,7 +512,9 @@ def test_rgba_edges_keep_their_colour() -> None:
     naive_alpha = whole_bilinear(image[..., 3].astype(np.float32))
     nvis = naive_alpha > 0.05 * 255
     half = (naive_alpha > 0.4 * 255) & (naive_alpha < 0.6 * 255)
-    print(f"RGBA fringe (no fill): min R {naive_rgb[nvis, 0].min():.1f}, median R at alpha~50% {np.median(naive_rgb[half, 0]):.1f}")
+    print(
+        f"RGBA fringe (no fill): min R {naive_rgb[nvis, 0].min():.1f}, median R at alpha~50% {np.median(naive_rgb[half, 0]):.1f}"
+    )
     assert naive_rgb[nvis, 0].min() < 250  # the same criterion fails without the fix
     assert 0.35 * 255 <= np.median(naive_rgb[half, 0]) <= 0.65 * 255
     # And fill_transparent itself: hidden pixels take the visible colour, visible ones are unchanged.
@@ -608,6 +615,16 @@ def test_big_endian_uint16_is_accepted() -> None:
 
 
 def test_module_exposes_the_documented_api() -> None:
-    for name in ("axis_starts", "ramp", "axis_weights", "plan_tiles", "extract_tiles", "Canvas", "blend_tiles",
-                 "fill_transparent", "upscale_arrays", "upscale_array"):
+    for name in (
+        "axis_starts",
+        "ramp",
+        "axis_weights",
+        "plan_tiles",
+        "extract_tiles",
+        "Canvas",
+        "blend_tiles",
+        "fill_transparent",
+        "upscale_arrays",
+        "upscale_array",
+    ):
         assert callable(getattr(tiling, name)), name
