@@ -156,13 +156,18 @@ def load_checkpoint(uri: str | os.PathLike, *, device: str | torch.device = "cpu
         )
     try:
         config = DenseIsoViTConfig.from_json(metadata[CONFIG_KEY])
-        model = DenseIsoViT(config)
+        with torch.device("meta"):  # shapes only: the weights below replace every tensor (no random init)
+            model = DenseIsoViT(config)
     except Exception as e:  # noqa: BLE001 - any config the network cannot be built from
         raise CheckpointError(uri, f"bad {CONFIG_KEY!r} in its metadata: {e}") from None
     try:
         state = _canonical(safetensors.torch.load(data))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt payloads
         raise CheckpointError(uri, f"not a readable safetensors file: {e}") from None
-    _check_state(uri, model.state_dict(), state)
-    model.load_state_dict(state, strict=True)
+    expected = model.state_dict()
+    _check_state(uri, expected, state)
+    # Each tensor copied out of the file's bytes (safetensors.torch.load gives views of immutable
+    # bytes, which training would write into), in the network's own dtype (float16 files load as float32).
+    state = {name: tensor.to(expected[name].dtype, copy=True) for name, tensor in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
     return Checkpoint(model.to(device).eval(), config, hashlib.sha256(data).hexdigest(), uri)
