@@ -14,9 +14,12 @@ so that figures are comparable with published super-resolution results:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:  # torch is imported where it is used: PSNR and SSIM need only numpy
+    import torch
 
 __all__ = [
     "bicubic_downscale",
@@ -174,6 +177,9 @@ def bicubic_downscale(img: torch.Tensor, scale: int = 4) -> torch.Tensor:
 
     Raises TypeError for non-floating tensors, ValueError for bad rank or sizes.
     """
+    import torch
+    import torch.nn.functional as F
+
     _check_scale(scale)
     if not isinstance(img, torch.Tensor) or not img.is_floating_point():
         what = img.dtype if isinstance(img, torch.Tensor) else type(img).__name__
@@ -208,6 +214,8 @@ def bicubic_downscale_array(img: np.ndarray, scale: int = 4) -> np.ndarray:
         raise TypeError(f"img must be uint8 or uint16, got dtype {img.dtype}")
     if img.ndim not in (2, 3):
         raise ValueError(f"img must be HxW or HxWxC, got shape {img.shape}")
+    import torch
+
     peak = float(np.iinfo(img.dtype).max)
     chw = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
     x = torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32) / peak)
