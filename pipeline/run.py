@@ -285,7 +285,9 @@ def build_dataset(
         # No CPU for it, at most one per model actor: Ray Data reserves CPU for each running stage out
         # of what the cluster can give it now, and on a small node a reader's share left too little
         # for the finishing stage, which then never ran while the reader waited for it (a hang).
-        stage, compute, cpus = shards.read_stage, ray.data.TaskPoolStrategy(size=placement.workers[1]), 0
+        # (No more readers than shards either: Ray Data warns about a pool larger than its inputs.)
+        readers = min(placement.workers[1], len(rows))
+        stage, compute, cpus = shards.read_stage, ray.data.TaskPoolStrategy(size=readers), 0
         kwargs = {
             "fmt": options.input_format, "image_column": options.image_column, "key_column": options.key_column,
             "output_format": options.output_format, "spot_check_rate": options.spot_check_rate,
