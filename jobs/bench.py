@@ -648,7 +648,7 @@ def bench_shards(args: argparse.Namespace) -> dict[str, object]:
     and one of a 16th of that, go through `isosr upscale` on a local Ray."""
     from pipeline.run import RunOptions, run
 
-    out: dict[str, object] = {"shard_mb": args.shard_mb, "runs": []}
+    out: dict[str, object] = {"shard_mb": args.shard_mb, "kind": args.shard_kind, "runs": []}
     for megabytes in (max(1, args.shard_mb // 16), args.shard_mb):
         with tempfile.TemporaryDirectory(prefix="isosr-shards-", dir=args.workdir) as root:
             shard = write_shard(Path(root) / "in" / "shard.parquet", megabytes, args.shard_kind)
@@ -862,11 +862,8 @@ def markdown(results: dict[str, object]) -> str:
                      f"{p['max_pixel_difference_vs_naive']}.")]  # fmt: skip
     if "shards" in results:
         r = results["shards"]
-        out += [
-            "",
-            "**One Parquet shard through the pipeline** (incompressible 512x512 PNGs, skip path, JPEG out):",
-            "",
-        ]
+        images = {"noise": "incompressible 512x512 PNGs", "photos": "384x384 JPEG photo crops"}[r["kind"]]
+        out += ["", f"**One Parquet shard through the pipeline** ({images}, skip path, JPEG out):", ""]
         out += _table(
             ["shard", "rows", "decoded size", "seconds", "output MP", "peak PSS, all processes",
              "of it private (heaps)", "peak of live objects in Ray's store"],
