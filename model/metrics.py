@@ -14,12 +14,9 @@ so that figures are comparable with published super-resolution results:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
-
-if TYPE_CHECKING:  # torch is imported where it is used: PSNR and SSIM need only numpy
-    import torch
+import torch
+import torch.nn.functional as F
 
 __all__ = [
     "bicubic_downscale",
@@ -177,9 +174,6 @@ def bicubic_downscale(img: torch.Tensor, scale: int = 4) -> torch.Tensor:
 
     Raises TypeError for non-floating tensors, ValueError for bad rank or sizes.
     """
-    import torch
-    import torch.nn.functional as F
-
     _check_scale(scale)
     if not isinstance(img, torch.Tensor) or not img.is_floating_point():
         what = img.dtype if isinstance(img, torch.Tensor) else type(img).__name__
@@ -214,8 +208,6 @@ def bicubic_downscale_array(img: np.ndarray, scale: int = 4) -> np.ndarray:
         raise TypeError(f"img must be uint8 or uint16, got dtype {img.dtype}")
     if img.ndim not in (2, 3):
         raise ValueError(f"img must be HxW or HxWxC, got shape {img.shape}")
-    import torch
-
     peak = float(np.iinfo(img.dtype).max)
     chw = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
     x = torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32) / peak)

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from model.metrics import bicubic_downscale_array, psnr
 
@@ -97,9 +99,6 @@ def round_trip_input(pixels: np.ndarray, *, scale: int = 4, crop: int = ROUND_TR
 def bicubic_upscale(lr: np.ndarray, scale: int = 4) -> np.ndarray:
     """The baseline: the same Keys a = -0.5 cubic as the degradation (torch's antialiased path,
     i.e. Pillow's BICUBIC), upscaling."""
-    import torch  # here, not at the top: the Ray workers that never call this stay free of torch
-    import torch.nn.functional as F
-
     x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1), dtype=np.float32) / 255)[None]
     up = F.interpolate(x, scale_factor=scale, mode="bicubic", antialias=True, align_corners=False)
     return np.round(up[0].clamp(0, 1).numpy().transpose(1, 2, 0) * 255).astype(np.uint8)

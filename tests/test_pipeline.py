@@ -688,16 +688,3 @@ def test_a_real_runs_report_renders_in_a_browser(mixed_local: MixedRun, browser:
     assert page.get_by_text("Consistency PSNR (dB)").is_visible()
     assert problems == []
     page.close()
-
-
-def test_the_stages_that_run_no_model_do_not_import_torch() -> None:
-    """Decoding, a shard's reader, the sink and the Assembler import these modules in Ray workers of
-    their own; torch costs each such process ~150 MiB and over a second of a core at start-up. Only
-    the model actors, and the round-trip and consistency checks when they run, bring it in."""
-    import subprocess
-    import sys
-
-    modules = "pipeline.stages, pipeline.sink, pipeline.shards, pipeline.quality, model.metrics, model.tiling"
-    check = f"import sys, {modules}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
-    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=120)
-    assert run.stdout.strip() == "[]", f"importing {modules} imported torch: {run.stdout}"
