@@ -700,10 +700,11 @@ def warm_up_ray_data() -> None:
 
 def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
     """The pipeline against the model-only ceiling at each precision it may run at (the mean of one
-    measurement before the pipeline runs and one after), and against the naive baseline. Ray is started (and Ray Data's once-per-cluster actors) before anything is
-    timed, as on a running cluster; each timed run still starts its own model actors and loads the
-    model in them. Without --quick, also one cold run (`isosr upscale` without --address: its own
-    local Ray, started inside the time) and the memory runs."""
+    measurement before the pipeline runs and one after), and against the naive baseline. Ray is
+    started (and Ray Data's once-per-cluster actors) before anything is timed, as on a running
+    cluster; each timed run still starts its own model actors and loads the model in them. Without
+    --quick, also one cold run (`isosr upscale` without --address: its own local Ray, started inside
+    the time) and the memory runs."""
     import ray
 
     from model.checkpoint import save_checkpoint
@@ -762,7 +763,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
         finally:
             ray.shutdown()
         # The ceiling again, after the pipeline, on a quiet machine as before: this machine's speed
-        # drifts by up to ~10 % within minutes (the same forward passes, RESULTS.md), so the pipeline
+        # drifts by up to ~20 % within minutes (the same forward passes, RESULTS.md), so the pipeline
         # is compared with the mean of the measurements on either side of it.
         for dtype in dtypes:
             after = model_ceiling(photos, model, halo=args.halo, batch_size=batch_size, dtype=dtype)
