@@ -663,6 +663,8 @@ def bench_shards(args: argparse.Namespace) -> dict[str, object]:
     from pipeline.run import RunOptions, run
 
     out: dict[str, object] = {"shard_mb": args.shard_mb, "kind": args.shard_kind, "runs": []}
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     for megabytes in (max(1, args.shard_mb // 16), args.shard_mb):
         with tempfile.TemporaryDirectory(prefix="isosr-shards-", dir=args.workdir) as root:
             shard = write_shard(Path(root) / "in" / "shard.parquet", megabytes, args.shard_kind)
