@@ -366,7 +366,7 @@ def test_array_functions_equal_the_tensor_filter(astronaut: np.ndarray) -> None:
 
 def test_quality_checks_do_without_torch() -> None:
     # Ray workers that decode, check and encode import these modules; torch would cost each ~2 s of
-    # CPU and ~100 MB at start-up, beside the model actors on a small machine.
+    # CPU and ~180 MB at start-up, beside the model actors on a small machine.
     code = "import sys, pipeline.stages, pipeline.sink; print(sorted(m for m in sys.modules if m.startswith('torch')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
