@@ -767,10 +767,11 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
         # The ceiling again, after the pipeline, on a quiet machine as before: this machine's speed
         # drifts by up to ~20 % within minutes (the same forward passes, RESULTS.md), so the pipeline
         # is compared with the mean of the measurements on either side of it.
+        megapixels = output_mp(photos)
         for dtype in dtypes:
             after = model_ceiling(photos, model, halo=args.halo, batch_size=batch_size, dtype=dtype)
             log(f"model-only ceiling, {dtype}, after the pipeline: {after}")
-            ceiling = bracketed(ceilings[dtype], after, output_mp(photos))
+            ceiling = bracketed(ceilings[dtype], after, megapixels)
             rate = pipelines[dtype]["output_mp_per_s"]
             result["runs"][dtype] = {
                 "ceiling": ceiling,
