@@ -97,8 +97,9 @@ def place(options: RunOptions, resources: dict[str, float], *, fixed: bool = Fal
     then required. --min-workers defaults to 1 (a Ray Data actor pool keeps at least one).
 
     CPU-only: one single-threaded actor per CPU, each accounted as half a CPU so that decoding and
-    encoding tasks keep room beside them (two single-threaded processes do ~20 % more than one
-    two-threaded one on the 2-core machine: torch's threads scale poorly at this size; RESULTS.md).
+    encoding tasks keep room beside them (on the 2-core machine the model alone does 4–7 % more in two
+    single-threaded processes than in one with two threads: torch's threads scale poorly at this
+    size; RESULTS.md).
 
     Raises UsageError, naming the option to change, for GPU actors with no way to get a GPU, model
     actors that would leave no CPU for the other stages, and inconsistent worker counts."""
