@@ -279,7 +279,7 @@ def build_dataset(
     }
     # A quarter CPU: decoding is light. Resources unlike the model actor's (which holds 1 or 0.5) also
     # keep Ray from fusing decoding into the actor, which would pin an image's bands to it.
-    stage, compute, cpus, kwargs = decode_stage, None, 0.25, decode
+    stage, compute, cpus, kwargs, where = decode_stage, None, 0.25, decode, None
     if options.input_format in shards.SHARD_FORMATS:
         # A generator: each shard streams out row by row, staying a few rows ahead of the rows staged
         # (Assembler.may_read), so a reader lasts as long as its shard and waits most of that time.
@@ -287,14 +287,25 @@ def build_dataset(
         # of what the cluster can give it now, and on a small node a reader's share left too little
         # for the finishing stage, which then never ran while the reader waited for it (a hang).
         # (No more readers than shards either: Ray Data warns about a pool larger than its inputs.)
+        # Holding no CPU, a reader could land on a node that offers none, kept free of pipeline work
+        # (cluster.yaml's head, which runs the driver), and decode a whole shard there: kept off those.
         readers = min(placement.workers[1], len(rows))
         stage, compute, cpus = shards.read_stage, ray.data.TaskPoolStrategy(size=readers), 0
+        where = off_cpu_less_nodes(ray.nodes())
         kwargs = {
             "fmt": options.input_format, "image_column": options.image_column, "key_column": options.key_column,
             "output_format": options.output_format, "spot_check_rate": options.spot_check_rate,
             "assembler": assembler, "decode": decode,
         }  # fmt: skip
-    ds = ds.map_batches(stage, batch_size=1, batch_format="pyarrow", compute=compute, num_cpus=cpus, fn_kwargs=kwargs)
+    ds = ds.map_batches(
+        stage,
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=compute,
+        num_cpus=cpus,
+        fn_kwargs=kwargs,
+        label_selector=where,
+    )
     ds = ds.map_batches(
         TileWorker,
         batch_size=1,  # pieces per call; tiles of a call's pieces share forward batches
@@ -325,6 +336,13 @@ def build_dataset(
     return ds.map_batches(
         finish_stage, batch_size=1, batch_format="pyarrow", num_cpus=FINISH_CPUS, fn_kwargs={"scale": scale}
     )
+
+
+def off_cpu_less_nodes(nodes: list[dict[str, Any]]) -> dict[str, str] | None:
+    """A Ray label selector for any node but the live ones, of `nodes` as ray.nodes() lists them, that
+    offer no CPU (None: there are none)."""
+    ids = [n["NodeID"] for n in nodes if n["Alive"] and not n["Resources"].get("CPU")]
+    return {"ray.io/node-id": f"!in({', '.join(ids)})"} if ids else None
 
 
 def _cluster_address(options: RunOptions) -> str | None:

@@ -9,7 +9,11 @@ import dataclasses
 import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tarfile
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -426,3 +430,64 @@ def test_a_shard_many_times_the_read_ahead_finishes_on_cpu_actors(
     out = pq.read_table(tmp_path / "dst" / "long.parquet")
     assert out["n"].to_pylist() == list(range(40))
     assert {size_of(b)[0] for b in out["image"].to_pylist()} == {(96, 96)}
+
+
+# A head that offers no CPU (cluster.yaml's), one worker node, all in this script's process: it runs
+# isosr on SRC and prints, as its last line, the nodes on which a shard reader's process was seen at
+# work (Ray titles a worker by the task it runs) and the run's counts.
+CPU_LESS_HEAD = """
+import json, subprocess, sys, threading, time
+from ray.cluster_utils import Cluster
+from pipeline.run import RunOptions, run
+
+src, dst, checkpoint = sys.argv[1:]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+worker = cluster.add_node(num_cpus=2)
+node_of = {node.all_processes["raylet"][0].process.pid: name for node, name in ((cluster.head_node, "head"), (worker, "worker"))}
+seen, done = set(), threading.Event()
+
+def watch():
+    while not done.is_set():
+        for line in subprocess.run(["ps", "-eo", "ppid=,args="], capture_output=True, text=True).stdout.splitlines():
+            ppid, _, title = line.strip().partition(" ")
+            if title.startswith("ray::") and "read_stage" in title:
+                seen.add(node_of.get(int(ppid), "elsewhere"))
+        time.sleep(0.02)
+
+threading.Thread(target=watch, daemon=True).start()
+result = run(RunOptions(src=src, dst=dst, checkpoint=checkpoint, address=cluster.address, spot_check_rate=0.0))
+done.set()
+print(json.dumps({"readers_on": sorted(seen), "counts": result.summary["counts"]}))
+"""
+
+
+@pytest.mark.slow
+def test_shard_readers_stay_off_a_head_that_offers_no_cpu(tmp_path: Path, tiny_checkpoint: str) -> None:
+    """A reader holds no CPU (see build_dataset), so Ray could place it on cluster.yaml's head, which
+    declares CPU 0 to keep pipeline work off the node that runs the driver; a reader decodes every row
+    of its shard. Three shards, two readers, a head and a 2-CPU worker node: no reader on the head."""
+    from tests.sessions import assert_session_gone, kill_session
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for s in range(3):
+        table = pa.table({"n": list(range(6)), "image": pa.array([encoded(crop(6 * s + i, 24, 24)) for i in range(6)])})
+        (src / f"s{s}.parquet").write_bytes(to_parquet(table))
+    ray_dir = tempfile.mkdtemp(prefix="isc", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_dir}
+    env["RAY_AUTH_MODE"] = "disabled"  # a driver given an address sends no token unless told to
+    script = subprocess.Popen(
+        [sys.executable, "-c", CPU_LESS_HEAD, str(src), str(tmp_path / "dst"), tiny_checkpoint],
+        cwd=Path(__file__).resolve().parent.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = script.communicate(timeout=300)
+    finally:
+        kill_session(script.pid)
+        assert_session_gone(script.pid)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert script.returncode == 0, output[-3000:]
+    seen = json.loads(output.strip().splitlines()[-1])
+    assert seen["counts"]["ok"] == 18, seen
+    assert seen["readers_on"] == ["worker"], f"shard readers ran on {seen['readers_on']}"
