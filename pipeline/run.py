@@ -270,17 +270,22 @@ def build_dataset(
     ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
         object_store_memory=max(OBJECT_STORE_MIN, OBJECT_STORE_PER_ACTOR * placement.workers[1])
     )
+    sharded = options.input_format in shards.SHARD_FORMATS
     decode = {
         "tile": tile,
         "scale": scale,
         "halo": options.halo,
         "max_tiles": options.max_tiles,
         "max_pixels": options.max_pixels,
+        # Fewer images than CPU model actors: each is cut into bands, where it is tall enough, so that
+        # no actor waits, for about one tile row run twice per cut (split_rows). Not on GPU actors,
+        # where a piece takes milliseconds, less than staging its bands; not for shards, of many rows.
+        "spread": 1 if placement.gpus or sharded else -(-placement.workers[1] // len(rows)),
     }
     # A quarter CPU: decoding is light. Resources unlike the model actor's (which holds 1 or 0.5) also
     # keep Ray from fusing decoding into the actor, which would pin an image's bands to it.
     stage, compute, cpus, kwargs, where = decode_stage, None, 0.25, decode, None
-    if options.input_format in shards.SHARD_FORMATS:
+    if sharded:
         # A generator: each shard streams out row by row, staying a few rows ahead of the rows staged
         # (Assembler.may_read), so a reader lasts as long as its shard and waits most of that time.
         # No CPU for it, at most one per model actor: Ray Data reserves CPU for each running stage out

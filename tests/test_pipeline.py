@@ -616,6 +616,37 @@ def test_a_large_image_cut_into_bands_comes_out_exactly_as_whole(tall: TallRuns)
     assert [p for p in (run_dir / "staging").rglob("*") if p.is_file()] == []  # staged bands cleaned up
 
 
+def test_a_lone_image_is_shared_by_every_cpu_actor(tall: TallRuns, tiny_checkpoint: str) -> None:
+    """A run of fewer images than CPU model actors cuts each image, where it is tall enough, into a
+    band per actor, instead of leaving actors waiting: here one image on two actors. Its output is
+    the whole image's (to 1/255: these actors run single-threaded, the whole run's with torch's
+    threads)."""
+    from pipeline.stages import decode_stage
+
+    tall.store.put("alone/tall.png", (tall.store.root / "src" / "tall.png").read_bytes())
+    result = run(RunOptions(src=tall.store.uri("alone"), dst=tall.store.uri("alone-out"), checkpoint=tiny_checkpoint,
+                            gpus_per_worker=0, spot_check_rate=0.0))  # fmt: skip
+
+    [row] = result.manifest.to_pylist()
+    [whole_row] = [r for r in tall.whole.manifest.to_pylist() if r["key"] == "tall.png"]
+    assert row["status"] == "ok"
+    assert row["tiles"] > whole_row["tiles"], "not cut: the tile row on either side of a cut runs twice"
+    shared = np.asarray(Image.open(tall.store.root / "alone-out" / "tall.png")).astype(int)
+    whole = np.asarray(Image.open(tall.store.root / "whole" / "tall.png")).astype(int)
+    assert shared.shape == whole.shape and np.abs(shared - whole).max() <= 1
+
+    # Decoding does the cutting: two pieces of the tall image (9 tile rows), one of the thumbnail
+    # (one tile row), however many actors wait.
+    def pieces(key: str, spread: int) -> int:
+        listing = pa.Table.from_pylist([{"source": tall.store.uri(f"src/{key}"), "key": key, "size_bytes": 0,
+                                         "source_version": "v", "output": "unused", "out_format": "PNG",
+                                         "spot_check": False}])  # fmt: skip
+        return decode_stage(listing, tile=64, scale=4, halo=4, max_tiles=1024, max_pixels=None, spread=spread).num_rows
+
+    assert [pieces("tall.png", n) for n in (1, 2)] == [1, 2]
+    assert [pieces("thumb.png", n) for n in (1, 2, 8)] == [1, 1, 1]
+
+
 def test_at_least_one_image_is_spot_checked_at_rate_zero(tall: TallRuns) -> None:
     for result in (tall.split, tall.whole):
         checked = [r for r in result.manifest.to_pylist() if r["spot_check"]]
