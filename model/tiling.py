@@ -335,12 +335,16 @@ class Piece:
     band: Band
 
 
-def split_image(image: np.ndarray, *, tile: int, scale: int, halo: int, max_tiles: int | None = None) -> list[Piece]:
-    """Prepare an image and cut it into pieces of about `max_tiles` tiles (None: one piece).
-    Upscaling the pieces and stacking their rows gives the image's whole upscale."""
+def split_image(
+    image: np.ndarray, *, tile: int, scale: int, halo: int, max_tiles: int | None = None, pieces: int = 1
+) -> list[Piece]:
+    """Prepare an image and cut it into pieces of about `max_tiles` tiles (None: no limit), and into
+    at least `pieces` where it is tall enough (split_rows). Upscaling the pieces and stacking their
+    rows gives the image's whole upscale."""
     image = prepare(image)
     plan = plan_tiles(image.shape[0], image.shape[1], tile=tile, halo=halo)
-    bands = [whole_image(plan, scale)] if max_tiles is None else split_rows(plan, scale, max_tiles=max_tiles)
+    tiles = len(plan.ys) * len(plan.xs)
+    bands = split_rows(plan, scale, max_tiles=min(max_tiles or tiles, -(-tiles // pieces)))
     return [Piece(image[b.in_rows[0] : b.in_rows[1]], plan, b) for b in bands]
 
 

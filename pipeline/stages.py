@@ -5,7 +5,8 @@ types of SCHEMA, and can be called on a hand-made batch without a cluster.
 Rows are pieces of work. An ordinary image is one piece; an image with more tiles than
 `max_tiles` is cut into bands (model.tiling.split_rows) so that its tiles spread over every model
 actor and no worker holds more than its own output, and so is each image of a run with fewer
-images than CPU actors (`spread`); the sink stages the bands and one task assembles them. A row that failed carries status "failed" and its error through every stage.
+images than CPU actors (`spread`); the sink stages the bands and one task assembles them. A row
+that failed carries status "failed" and its error through every stage.
 
 Columns, by the stage that adds them ("array" = an .npy-encoded ndarray in a binary column,
 loaded with allow_pickle=False):
@@ -108,8 +109,8 @@ def decode_row(
 ) -> list[dict[str, Any]]:
     """The piece rows of one input: a loose file, read from row["source"], or a shard's row, whose
     bytes are row["payload"] (then row["out_format"] None means the decoded image's own format).
-    An image is cut into pieces of at most `max_tiles` tiles, and into `spread` pieces where its
-    height allows (model.tiling.split_rows), so that that many actors can share it."""
+    An image is cut into pieces of about `max_tiles` tiles, and into `spread` pieces where it is
+    tall enough (model.tiling.split_image), so that that many actors can share it."""
     started = time.perf_counter()
     try:
         if row.get("shard") is None:
@@ -119,9 +120,7 @@ def decode_row(
         else:
             data = row["payload"]
         image = decode(data, max_pixels=max_pixels)
-        plan = plan_tiles(*image.pixels.shape[:2], tile=tile, halo=halo)
-        share = -(-len(plan.ys) * len(plan.xs) // spread)  # tiles per piece, rounded up
-        pieces = split_image(image.pixels, tile=tile, scale=scale, halo=halo, max_tiles=min(max_tiles, share))
+        pieces = split_image(image.pixels, tile=tile, scale=scale, halo=halo, max_tiles=max_tiles, pieces=spread)
     except Exception as e:  # noqa: BLE001 - whatever one input does, it gets a row and the rest go on
         return [{**row, "status": FAILED, "error": _readable(e), "decode_s": time.perf_counter() - started}]
     rt = quality.round_trip_input(image.pixels, scale=scale) if row["spot_check"] else None
