@@ -1,5 +1,6 @@
 """Killing a job as a machine loss does: every process of its session at once (shared by the tests
-that kill drivers: tests/test_nightly.py, tests/test_faults.py)."""
+that kill drivers: tests/test_nightly.py, tests/test_faults.py), and the machine's processes by
+session, parent and title (which Ray sets to the task a worker runs)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ import subprocess
 import time
 
 
+def processes() -> list[tuple[int, int, int, str]]:
+    """(pid, session, parent pid, title) of every process on this machine."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
+    rows = (line.split(None, 3) for line in out.splitlines())
+    return [(int(pid), int(sid), int(ppid), title) for pid, sid, ppid, title in rows]
+
+
 def session_pids(session: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return [int(pid) for pid, sid in (line.split() for line in out.splitlines()) if int(sid) == session]
+    return [pid for pid, sid, _, _ in processes() if sid == session]
 
 
 def kill_session(session: int) -> None:

@@ -41,7 +41,7 @@ from PIL import Image
 
 from pipeline.cli import EXIT_SOME_FAILED
 from tests.fault_proxy import FAULTS, FaultProxy
-from tests.sessions import assert_session_gone, kill_session
+from tests.sessions import assert_session_gone, kill_session, processes
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -113,13 +113,6 @@ def run_job(src: str, dst: str, checkpoint: str, *options: str, env: dict[str, s
     """Run a Job to its end: (exit status, its output)."""
     with Job(src, dst, checkpoint, *options, env=env) as job:
         return job.wait(), job.output()
-
-
-def processes() -> list[tuple[int, int, int, str]]:
-    """(pid, session, parent pid, title) of every process on this machine."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
-    rows = (line.split(None, 3) for line in out.splitlines())
-    return [(int(pid), int(sid), int(ppid), title) for pid, sid, ppid, title in rows]
 
 
 def statuses(manifest: pa.Table) -> dict[str, str]:

@@ -436,9 +436,10 @@ def test_a_shard_many_times_the_read_ahead_finishes_on_cpu_actors(
 # isosr on SRC and prints, as its last line, the nodes on which a shard reader's process was seen at
 # work (Ray titles a worker by the task it runs) and the run's counts.
 CPU_LESS_HEAD = """
-import json, subprocess, sys, threading, time
+import json, sys, threading, time
 from ray.cluster_utils import Cluster
 from pipeline.run import RunOptions, run
+from tests.sessions import processes
 
 src, dst, checkpoint = sys.argv[1:]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -448,10 +449,8 @@ seen, done = set(), threading.Event()
 
 def watch():
     while not done.is_set():
-        for line in subprocess.run(["ps", "-eo", "ppid=,args="], capture_output=True, text=True).stdout.splitlines():
-            ppid, _, title = line.strip().partition(" ")
-            if title.startswith("ray::") and "read_stage" in title:
-                seen.add(node_of.get(int(ppid), "elsewhere"))
+        seen.update(node_of.get(ppid, "elsewhere") for _, _, ppid, title in processes()
+                    if title.startswith("ray::") and "read_stage" in title)
         time.sleep(0.02)
 
 threading.Thread(target=watch, daemon=True).start()
