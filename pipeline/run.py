@@ -210,6 +210,9 @@ def plan_inputs(
             "out_format": fmt,
             "shard": f.key if sharded else None,
         }
+        if f.error:  # known from the listing (a name that is not UTF-8): nothing to read or write
+            settled.append({**row, "output": None, "run_id": run_id, "status": FAILED, "error": f.error})
+            continue
         path = storage.filesystem(out)[1]
         record = shards.finished_record(options.dst, f, existing) if sharded and options.skip_existing else None
         if record is not None:
@@ -400,6 +403,11 @@ def prepare(options: RunOptions) -> ModelSource:
         check_halo(options.halo, source.model.config.tile_size)
     except ValueError as e:
         raise UsageError(f"--halo: {e}") from None
+    for name, uri in (("SRC", options.src), ("DST", options.dst)):
+        if storage.printable(uri) != uri:
+            raise UsageError(
+                f"{name} {storage.printable(uri)} is not valid UTF-8 (\\xNN: the bytes that are not); rename it"
+            )
     if storage.same_place(options.src, options.dst):
         raise UsageError(f"SRC and DST are the same place ({options.src}); write the outputs somewhere else")
     return source

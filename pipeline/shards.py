@@ -291,6 +291,10 @@ def _tar_rows(shard: dict[str, Any], image_column: str | None, key_column: str |
                 for member in tar:
                     if not member.isfile():
                         continue
+                    name = storage.printable(member.name)  # tar names are bytes; keys are text
+                    if name != member.name:
+                        raise ShardError(f"{shard['source']}: the name of its entry {name} is not valid UTF-8 "
+                                         "(\\xNN: the bytes that are not); rename it")  # fmt: skip
                     match = _ENTRY.match(member.name)
                     if match is None:
                         continue  # no extension: not part of any sample, as in WebDataset

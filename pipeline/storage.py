@@ -29,10 +29,14 @@ _ESCAPED_PARENT = "%2E%2E"  # what a '..' segment becomes: the data is kept, und
 @dataclass(frozen=True)
 class InputFile:
     uri: str  # full URI of the input, e.g. "s3://bucket/photos/a b/ü.png" or "/data/in/x.jpg"
-    key: str  # path relative to SRC, '/'-separated, exactly as stored (may contain spaces, unicode, '..')
+    key: str  # path relative to SRC, '/'-separated, exactly as stored (may contain spaces, unicode, '..';
+    # the bytes of a local name that are not UTF-8 are written \xNN, see printable)
     size: int  # bytes
     version: str  # S3: the ETag (quotes stripped); local/other: mtime as ISO 8601 UTC with microseconds
+    error: str | None = None  # why it cannot be processed, known from the listing alone (NOT_UTF8)
 
+
+NOT_UTF8 = "its name is not valid UTF-8 (shown here with \\xNN for the bytes that are not); rename it to upscale it"
 
 # Attempts per S3 request, the first included: at 10 % of requests failing, 10 attempts all fail
 # once in 10^10 requests, and the backoff between them (up to 20 s) rides out a short outage.
@@ -105,9 +109,18 @@ def list_inputs(
         if info.get("type", "file") != "file":
             continue
         info = _complete(fs, path, info)
-        inputs.append(InputFile(_under(src, key), key, int(info["size"]), _version(fs, path, info)))
+        shown = printable(key)
+        error = NOT_UTF8 if shown != key else None
+        inputs.append(InputFile(_under(src, shown), shown, int(info["size"]), _version(fs, path, info), error))
     inputs.sort(key=lambda f: f.key)
     return inputs
+
+
+def printable(name: str) -> str:
+    """`name` with the bytes of a local file name that are not UTF-8 written as \\xNN. Python keeps
+    such bytes as lone surrogates (PEP 383), which Arrow, JSON and S3 keys refuse; a name that is
+    valid UTF-8 comes back unchanged."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def safe_key(key: str) -> str:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageCms
 
-from pipeline.cli import EXIT_OK, EXIT_USAGE, main
+from pipeline.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
 
 
 def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -87,6 +87,29 @@ def test_upscale_mirrors_paths_sizes_modes_and_formats(
 
 
 @pytest.mark.cluster
+def test_a_file_whose_name_is_not_utf8_is_one_failed_row_and_the_others_are_upscaled(
+    ray_local: None, tmp_path: Path, tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Latin-1 file name (b'caf\\xe9.png') among UTF-8 ones: it used to end the run with a
+    UnicodeEncodeError traceback before anything was done."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    Image.fromarray(photo(40, 50)).save(src / "ok.png")
+    Image.fromarray(photo(30, 30, seed=1)).save(os.fsencode(src) + b"/caf\xe9.png")
+    assert main(["upscale", str(src), str(dst), "--checkpoint", tiny_checkpoint]) == EXIT_SOME_FAILED
+    out = capsys.readouterr().out
+    assert "inputs 2, ok 1, failed 1, skipped 0" in out
+    assert "FAILED caf\\xe9.png: its name is not valid UTF-8" in out and "rename it" in out
+    with Image.open(dst / "ok.png") as upscaled:
+        assert upscaled.size == (200, 160)
+    assert sorted(os.listdir(dst)) == ["_isosr", "ok.png"]  # nothing written for the other
+    [run_dir] = re.findall(r"^manifest and report: (.+)$", out, re.MULTILINE)
+    rows = {r["key"]: r for r in pq.read_table(Path(run_dir) / "manifest.parquet").to_pylist()}
+    assert rows.keys() == {"ok.png", "caf\\xe9.png"}
+    assert rows["caf\\xe9.png"]["status"] == "failed" and rows["caf\\xe9.png"]["output"] is None
+
+
+@pytest.mark.cluster
 def test_exif_orientation_is_applied_and_icc_profile_kept(
     ray_local: None, tmp_path: Path, tiny_checkpoint: str
 ) -> None:
@@ -129,6 +152,7 @@ def test_format_option_and_single_file(ray_local: None, inputs: Path, tmp_path: 
         (["upscale", "{tmp}/src", "{tmp}/out", "--format", "xcf"], "invalid choice"),
         (["upscale", "{tmp}/src", "{tmp}/src/"], "same place"),
         (["upscale", "{tmp}/src", "{tmp}/src/../src"], "same place"),
+        (["upscale", "{tmp}/src", "{tmp}/caf\udce9"], "/caf\\xe9 is not valid UTF-8"),
         (["upscale", "{tmp}/src", "{tmp}/out", "--checkpoint", "{tmp}/nonexistent.safetensors"], "no such file"),
         (["frobnicate"], "invalid choice"),
     ],
@@ -143,6 +167,7 @@ def test_format_option_and_single_file(ray_local: None, inputs: Path, tmp_path: 
         "format",
         "src-is-dst",
         "src-is-dst-spelled-differently",
+        "dst-not-utf8",
         "missing-checkpoint",
         "command",
     ],

@@ -382,6 +382,24 @@ def test_tar_samples_group_by_key_as_webdataset_does(tmp_path: Path) -> None:
     ]
 
 
+def test_a_tar_entry_whose_name_is_not_utf8_fails_its_shard_saying_which_and_what_to_do(tmp_path: Path) -> None:
+    """Tar names are bytes; one in Latin-1 cannot become a row's key (Arrow strings are UTF-8). It
+    used to fail the shard with a bare UnicodeEncodeError."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT, errors="surrogateescape") as tar:
+        for name in ("a.png", "caf\udce9.png"):  # b"caf\xe9.png" in the archive
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    (tmp_path / "s.tar").write_bytes(buffer.getvalue())
+    assert b"caf\xe9.png" in buffer.getvalue()
+    rows = shards._tar_rows({"source": str(tmp_path / "s.tar"), "key": "s.tar"}, None, None, {})
+    with pytest.raises(
+        shards.ShardError, match=r"s\.tar: the name of its entry caf\\xe9\.png is not valid UTF-8.*rename it"
+    ):
+        list(rows)
+
+
 def test_a_shard_reader_stays_a_few_rows_ahead_of_the_rows_staged(ray_local: None, tmp_path: Path) -> None:
     """The read-ahead window (Assembler.may_read), counted over every shard being read: a reader may
     not yield a row while `read_ahead` rows are yielded and not yet staged, and may again once one is."""

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.storage import (
+    NOT_UTF8,
     InputFile,
     exists,
     filesystem,
@@ -133,6 +134,19 @@ def test_local_single_file_src_is_the_one_input(tmp_path: Path) -> None:
     path.write_bytes(b"12345")
     (f,) = list_inputs(str(path))
     assert f == InputFile(str(path), "só uma.PNG", 5, iso_utc(path.stat().st_mtime))
+
+
+def test_a_local_name_that_is_not_utf8_is_listed_printable_with_the_reason_it_cannot_be_processed(
+    tmp_path: Path,
+) -> None:
+    """Local file names are bytes; one in Latin-1 (b'\\xe9t\\xe9.png', 'été' there) has no str that
+    Arrow, JSON or an S3 key accepts. It is listed under a printable key, with the reason."""
+    os.close(os.open(os.fsencode(tmp_path) + b"/\xe9t\xe9.png", os.O_CREAT | os.O_WRONLY))
+    (tmp_path / "été.png").write_bytes(b"12")  # the same name in UTF-8 is an ordinary input
+    bad, good = list_inputs(str(tmp_path))
+    assert (bad.key, bad.uri, bad.error) == ("\\xe9t\\xe9.png", f"{tmp_path}/\\xe9t\\xe9.png", NOT_UTF8)
+    assert bad.key.encode("utf-8") and bad.size == 0
+    assert (good.key, good.size, good.error) == ("été.png", 2, None)
 
 
 def test_empty_local_folder_lists_nothing(tmp_path: Path) -> None:
