@@ -38,6 +38,8 @@ class InputFile:
 
 NOT_UTF8 = "its name is not valid UTF-8 (shown here with \\xNN for the bytes that are not); rename it to upscale it"
 
+NAME_MAX = 255  # bytes in one path segment, on Linux's and macOS's filesystems
+
 # Attempts per S3 request, the first included: at 10 % of requests failing, 10 attempts all fail
 # once in 10^10 requests, and the backoff between them (up to 20 s) rides out a short outage.
 S3_MAX_ATTEMPTS = 10
@@ -82,8 +84,10 @@ def list_inputs(
 
     if list(found) == [root]:
         info = _complete(fs, root, found[root])
-        if info.get("type", "file") == "file":
-            return [InputFile(_under(src, ""), posixpath.basename(root), int(info["size"]), _version(fs, root, info))]
+        info, error = _follow(fs, root, info) if info.get("type") == "other" else (info, None)
+        if info.get("type", "file") != "directory":
+            name, size, version = posixpath.basename(root), int(info["size"]), _version(fs, root, info)
+            return [InputFile(_under(src, ""), name, size, version, error)]
 
     if not found and not fs.isdir(root):
         if _is_local(fs):
@@ -106,11 +110,12 @@ def list_inputs(
             continue
         if STATE_DIR in folders.split("/") or any(_inside(key, p) for p in skipped):
             continue
-        if info.get("type", "file") != "file":
+        info, error = _follow(fs, path, info) if info.get("type") == "other" else (info, None)
+        if info.get("type", "file") == "directory":
             continue
         info = _complete(fs, path, info)
         shown = printable(key)
-        error = NOT_UTF8 if shown != key else None
+        error = NOT_UTF8 if shown != key else error
         inputs.append(InputFile(_under(src, shown), shown, int(info["size"]), _version(fs, path, info), error))
     inputs.sort(key=lambda f: f.key)
     return inputs
@@ -180,8 +185,12 @@ def open_atomic(uri: str) -> Iterator[Any]:
             raise type(e)(f"cannot write {uri}: {e}") from e
         return
     folder, name = os.path.split(path)
-    # Unique per call, not just per process: Ray runs several tasks in one worker process.
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    # Unique per call, not just per process: Ray runs several tasks in one worker process. The name is
+    # cut short where the temporary's would exceed NAME_MAX: any name the output may have, it may.
+    suffix = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    while len(os.fsencode(f".{name}{suffix}")) > NAME_MAX:
+        name = name[:-1]
+    tmp = os.path.join(folder, f".{name}{suffix}")
     try:
         os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -271,6 +280,20 @@ def _complete(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) ->
     return {**info, **fs.info(path)}
 
 
+def _follow(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """(info, why it cannot be read) for a listing entry that is neither a file nor a folder, as local
+    listings give them: a symbolic link is followed to its file (whose size and time count) or folder
+    (not descended into, as the listing does not, so links cannot loop); a FIFO, socket or device, or
+    a link to one or to nothing, is an input that cannot be read, and nothing is read from it."""
+    try:
+        target = fs.info(path)  # follows symbolic links
+    except OSError:
+        return info, f"a symbolic link to {info.get('destination')}, which does not exist"
+    if target["type"] in ("file", "directory"):
+        return target, None
+    return info, "not a regular file (a FIFO, socket or device, or a link to one): nothing was read from it"
+
+
 def _version(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> str:
     """The S3 ETag without its quotes, else the modification time (ISO 8601, UTC, microseconds)."""
     etag = info.get("ETag")
@@ -319,7 +342,9 @@ def remove(uri: str) -> None:
 
 
 def _remove_quietly(path: str) -> None:
+    """Remove a temporary, if there is one; never raises, so that the error that made it unwanted is
+    the one reported (an unlink of a name too long failed with its own error, hiding the first)."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except OSError:
         pass

@@ -87,26 +87,38 @@ def test_upscale_mirrors_paths_sizes_modes_and_formats(
 
 
 @pytest.mark.cluster
-def test_a_file_whose_name_is_not_utf8_is_one_failed_row_and_the_others_are_upscaled(
+def test_awkward_names_and_kinds_of_file_are_each_upscaled_or_one_failed_row(
     ray_local: None, tmp_path: Path, tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A Latin-1 file name (b'caf\\xe9.png') among UTF-8 ones: it used to end the run with a
-    UnicodeEncodeError traceback before anything was done."""
+    """Each of these used to end the run with a traceback, be left out of the manifest, or fail:
+    a Latin-1 file name (b'caf\\xe9.png': UnicodeEncodeError before anything was done), a symbolic
+    link to a photo (left out), a 251-byte name (its temporary's name was too long), a FIFO and a
+    link to nothing (left out; a FIFO must never be opened: reading it would wait forever)."""
     src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
+    (src / "sub").mkdir(parents=True)
+    long = "n" * 247 + ".png"
     Image.fromarray(photo(40, 50)).save(src / "ok.png")
     Image.fromarray(photo(30, 30, seed=1)).save(os.fsencode(src) + b"/caf\xe9.png")
+    Image.fromarray(photo(20, 30, seed=2)).save(src / long)
+    (src / "link.png").symlink_to("ok.png")
+    (src / "sub" / "up").symlink_to("..")  # a folder link: not followed, so no loop
+    (src / "gone.png").symlink_to("nothing-here.png")
+    os.mkfifo(src / "fifo.png")
     assert main(["upscale", str(src), str(dst), "--checkpoint", tiny_checkpoint]) == EXIT_SOME_FAILED
     out = capsys.readouterr().out
-    assert "inputs 2, ok 1, failed 1, skipped 0" in out
+    assert "inputs 6, ok 3, failed 3, skipped 0" in out
     assert "FAILED caf\\xe9.png: its name is not valid UTF-8" in out and "rename it" in out
-    with Image.open(dst / "ok.png") as upscaled:
-        assert upscaled.size == (200, 160)
-    assert sorted(os.listdir(dst)) == ["_isosr", "ok.png"]  # nothing written for the other
+    assert "FAILED fifo.png: not a regular file" in out
+    assert "FAILED gone.png: a symbolic link to nothing-here.png, which does not exist" in out
+    for name, size in [("ok.png", (200, 160)), ("link.png", (200, 160)), (long, (120, 80))]:
+        with Image.open(dst / name) as upscaled:
+            assert upscaled.size == size, name
+    assert sorted(os.listdir(dst)) == sorted(["_isosr", "ok.png", "link.png", long])  # no temporaries
+    assert not (dst / "link.png").is_symlink()
     [run_dir] = re.findall(r"^manifest and report: (.+)$", out, re.MULTILINE)
     rows = {r["key"]: r for r in pq.read_table(Path(run_dir) / "manifest.parquet").to_pylist()}
-    assert rows.keys() == {"ok.png", "caf\\xe9.png"}
-    assert rows["caf\\xe9.png"]["status"] == "failed" and rows["caf\\xe9.png"]["output"] is None
+    assert rows.keys() == {"ok.png", "link.png", long, "caf\\xe9.png", "fifo.png", "gone.png"}
+    assert all(rows[k]["status"] == "failed" and rows[k]["output"] is None for k in ("caf\\xe9.png", "fifo.png"))
 
 
 @pytest.mark.cluster

@@ -149,6 +149,26 @@ def test_a_local_name_that_is_not_utf8_is_listed_printable_with_the_reason_it_ca
     assert (good.key, good.size, good.error) == ("été.png", 2, None)
 
 
+def test_local_links_are_followed_to_files_and_other_kinds_are_inputs_that_cannot_be_read(tmp_path: Path) -> None:
+    """A symbolic link to a file is that file, under the link's name; a link to a folder is not
+    followed (links could loop); a FIFO, a link to a device and a link to nothing are inputs with the
+    reason they cannot be read, found without opening them (opening a FIFO waits for a writer)."""
+    (tmp_path / "real.png").write_bytes(b"12345")
+    (tmp_path / "link.png").symlink_to("real.png")
+    (tmp_path / "loop").symlink_to(".")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    (tmp_path / "gone.png").symlink_to("nowhere.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    listed = {f.key: f for f in list_inputs(str(tmp_path))}
+    assert sorted(listed) == ["fifo.png", "gone.png", "link.png", "real.png", "zero.png"]
+    assert (listed["link.png"].size, listed["link.png"].error) == (5, None)
+    assert listed["link.png"].version == listed["real.png"].version  # the file's, not the link's
+    assert listed["gone.png"].error == "a symbolic link to nowhere.png, which does not exist"
+    assert all(listed[k].error.startswith("not a regular file") for k in ("fifo.png", "zero.png"))
+    (one,) = list_inputs(str(tmp_path / "fifo.png"))  # SRC itself: it was a RuntimeError
+    assert (one.key, one.error) == ("fifo.png", listed["fifo.png"].error)
+
+
 def test_empty_local_folder_lists_nothing(tmp_path: Path) -> None:
     assert list_inputs(str(tmp_path)) == []
 
@@ -344,6 +364,18 @@ def test_failed_write_names_the_file_and_leaves_no_temporary(tmp_path: Path) -> 
         write_atomic(str(target), b"data")
     assert all_files(tmp_path) == []
     assert target.is_dir()
+
+
+def test_a_name_of_up_to_255_bytes_is_written_and_a_longer_one_fails_naming_it(tmp_path: Path) -> None:
+    """The hidden temporary is longer than the name; where it would pass NAME_MAX its name is cut
+    short. A name that is itself too long fails naming the output, not the temporary."""
+    longest = tmp_path / ("é" * 125 + "x.png")  # 255 bytes in UTF-8
+    write_atomic(str(longest), b"data")
+    assert longest.read_bytes() == b"data" and all_files(tmp_path) == [longest.name]
+    too_long = tmp_path / ("y" * 252 + ".png")
+    with pytest.raises(OSError, match=re.escape(f"cannot write {too_long}: File name too long")):
+        write_atomic(str(too_long), b"data")
+    assert all_files(tmp_path) == [longest.name]
 
 
 def test_write_into_read_only_folder_fails_and_leaves_nothing(tmp_path: Path) -> None:
