@@ -520,10 +520,16 @@ def summary_lines(result: RunResult) -> list[str]:
             f"(Y), gain {_db(rt['mean_gain_db'])}"
         )
     lines += [f"FLAG (job): {flag}" for flag in s["job_flags"]]
-    lines += [f"FLAG {img['key']}: {img['flags']}" for img in s["flagged_images"]]
-    lines += [f"FAILED {f['key']}: {f['error']}" for f in s["failed"]]
+    lines += [f"FLAG {_one_line(img['key'])}: {img['flags']}" for img in s["flagged_images"]]
+    lines += [f"FAILED {_one_line(f['key'])}: {f['error']}" for f in s["failed"]]
     lines.append(f"manifest and report: {result.run_dir}/")
     return lines
+
+
+def _one_line(key: str) -> str:
+    """`key` with control characters (a newline or a tab is allowed in a file name) escaped as Python
+    writes them, so that each FLAG or FAILED line is one line (the manifest keeps the key itself)."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in key)
 
 
 def _db(x: float | None) -> str:

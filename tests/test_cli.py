@@ -103,12 +103,12 @@ def test_awkward_names_and_kinds_of_file_are_each_upscaled_or_one_failed_row(
     (src / "link.png").symlink_to("ok.png")
     (src / "sub" / "up").symlink_to("..")  # a folder link: not followed, so no loop
     (src / "gone.png").symlink_to("nothing-here.png")
-    os.mkfifo(src / "fifo.png")
+    os.mkfifo(src / "fi\nfo.png")  # a newline is allowed in a name; the summary shows it escaped
     assert main(["upscale", str(src), str(dst), "--checkpoint", tiny_checkpoint]) == EXIT_SOME_FAILED
     out = capsys.readouterr().out
     assert "inputs 6, ok 3, failed 3, skipped 0" in out
     assert "FAILED caf\\xe9.png: its name is not valid UTF-8" in out and "rename it" in out
-    assert "FAILED fifo.png: not a regular file" in out
+    assert "FAILED fi\\nfo.png: not a regular file" in out
     assert "FAILED gone.png: a symbolic link to nothing-here.png, which does not exist" in out
     for name, size in [("ok.png", (200, 160)), ("link.png", (200, 160)), (long, (120, 80))]:
         with Image.open(dst / name) as upscaled:
@@ -117,8 +117,8 @@ def test_awkward_names_and_kinds_of_file_are_each_upscaled_or_one_failed_row(
     assert not (dst / "link.png").is_symlink()
     [run_dir] = re.findall(r"^manifest and report: (.+)$", out, re.MULTILINE)
     rows = {r["key"]: r for r in pq.read_table(Path(run_dir) / "manifest.parquet").to_pylist()}
-    assert rows.keys() == {"ok.png", "link.png", long, "caf\\xe9.png", "fifo.png", "gone.png"}
-    assert all(rows[k]["status"] == "failed" and rows[k]["output"] is None for k in ("caf\\xe9.png", "fifo.png"))
+    assert rows.keys() == {"ok.png", "link.png", long, "caf\\xe9.png", "fi\nfo.png", "gone.png"}
+    assert all(rows[k]["status"] == "failed" and rows[k]["output"] is None for k in ("caf\\xe9.png", "fi\nfo.png"))
 
 
 @pytest.mark.cluster
