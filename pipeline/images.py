@@ -31,6 +31,9 @@ OUTPUT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif",
 # lower limit (~179 MP, an error at twice its warning level) would otherwise override it.
 Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 200_000_000  # larger inputs are refused unless --max-pixels says otherwise
+# The most bytes a pixel of a supported image takes in a file: 16-bit RGBA or CMYK, uncompressed
+# (TIFF, BMP); and room for what else a file holds (ICC profiles, EXIF, thumbnails, other pages).
+MAX_BYTES_PER_PIXEL, MAX_METADATA_BYTES = 8, 64 * 2**20
 _RGB_MODES = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"}
 
 
@@ -69,6 +72,19 @@ class Decoded:
     pixels: np.ndarray  # HxW, HxWx2, x3 or x4; uint8 or uint16
     format: str  # Pillow format of the source, e.g. "PNG"
     icc_profile: bytes | None
+
+
+def file_too_large(size: int, max_pixels: int | None) -> str | None:
+    """Why a file of `size` bytes cannot hold an image of at most `max_pixels` pixels, or None. Such a
+    file is refused before it is read: it is read whole into memory, and one of many gigabytes would
+    take a worker's memory (a 6 GB file: 6.3 GB, RESULTS.md) to fail as an image anyway."""
+    if max_pixels is None or size <= (most := max_pixels * MAX_BYTES_PER_PIXEL + MAX_METADATA_BYTES):
+        return None
+    return (
+        f"{size:,} bytes is more than an image of --max-pixels {max_pixels:,} pixels takes ({most:,} bytes "
+        f"at most: {MAX_BYTES_PER_PIXEL} a pixel, uncompressed, and {MAX_METADATA_BYTES // 2**20} MiB more); "
+        "nothing was read; raise --max-pixels if this file is an image"
+    )
 
 
 def decode(data: bytes, *, name: str | None = None, max_pixels: int | None = None) -> Decoded:

@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from model.tiling import DEFAULT_HALO, DEFAULT_SKIP_DETAIL
 from pipeline import quality, shards, storage
-from pipeline.images import DEFAULT_MAX_PIXELS, output_format, output_suffix
+from pipeline.images import DEFAULT_MAX_PIXELS, file_too_large, output_format, output_suffix
 from pipeline.manifest import FAILED, OK, SKIPPED, table
 from pipeline.report import Crop, Thresholds, render_html, summarize
 from pipeline.sink import Assembler, ImageSink, RunPaths, assembled_rows
@@ -210,8 +210,9 @@ def plan_inputs(
             "out_format": fmt,
             "shard": f.key if sharded else None,
         }
-        if f.error:  # known from the listing (a name that is not UTF-8): nothing to read or write
-            settled.append({**row, "output": None, "run_id": run_id, "status": FAILED, "error": f.error})
+        error = f.error or (None if sharded else file_too_large(f.size, options.max_pixels))
+        if error:  # known from the listing (a name that is not UTF-8, a file too large): nothing is read
+            settled.append({**row, "output": None, "run_id": run_id, "status": FAILED, "error": error})
             continue
         path = storage.filesystem(out)[1]
         record = shards.finished_record(options.dst, f, existing) if sharded and options.skip_existing else None

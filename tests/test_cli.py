@@ -93,7 +93,8 @@ def test_awkward_names_and_kinds_of_file_are_each_upscaled_or_one_failed_row(
     """Each of these used to end the run with a traceback, be left out of the manifest, or fail:
     a Latin-1 file name (b'caf\\xe9.png': UnicodeEncodeError before anything was done), a symbolic
     link to a photo (left out), a 251-byte name (its temporary's name was too long), a FIFO and a
-    link to nothing (left out; a FIFO must never be opened: reading it would wait forever)."""
+    link to nothing (left out; a FIFO must never be opened: reading it would wait forever); and a
+    file larger than any image of --max-pixels can be was read whole into a worker's memory."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "sub").mkdir(parents=True)
     long = "n" * 247 + ".png"
@@ -104,9 +105,12 @@ def test_awkward_names_and_kinds_of_file_are_each_upscaled_or_one_failed_row(
     (src / "sub" / "up").symlink_to("..")  # a folder link: not followed, so no loop
     (src / "gone.png").symlink_to("nothing-here.png")
     os.mkfifo(src / "fi\nfo.png")  # a newline is allowed in a name; the summary shows it escaped
+    with open(src / "huge.tif", "wb") as f:  # sparse: one byte more than any image of 200 MP takes
+        f.truncate(200_000_000 * 8 + 64 * 2**20 + 1)
     assert main(["upscale", str(src), str(dst), "--checkpoint", tiny_checkpoint]) == EXIT_SOME_FAILED
     out = capsys.readouterr().out
-    assert "inputs 6, ok 3, failed 3, skipped 0" in out
+    assert "inputs 7, ok 3, failed 4, skipped 0" in out
+    assert "FAILED huge.tif: 1,667,108,865 bytes is more than an image of --max-pixels 200,000,000 pixels" in out
     assert "FAILED caf\\xe9.png: its name is not valid UTF-8" in out and "rename it" in out
     assert "FAILED fi\\nfo.png: not a regular file" in out
     assert "FAILED gone.png: a symbolic link to nothing-here.png, which does not exist" in out
@@ -117,8 +121,10 @@ def test_awkward_names_and_kinds_of_file_are_each_upscaled_or_one_failed_row(
     assert not (dst / "link.png").is_symlink()
     [run_dir] = re.findall(r"^manifest and report: (.+)$", out, re.MULTILINE)
     rows = {r["key"]: r for r in pq.read_table(Path(run_dir) / "manifest.parquet").to_pylist()}
-    assert rows.keys() == {"ok.png", "link.png", long, "caf\\xe9.png", "fi\nfo.png", "gone.png"}
-    assert all(rows[k]["status"] == "failed" and rows[k]["output"] is None for k in ("caf\\xe9.png", "fi\nfo.png"))
+    assert rows.keys() == {"ok.png", "link.png", long, "caf\\xe9.png", "fi\nfo.png", "gone.png", "huge.tif"}
+    assert all(
+        rows[k]["status"] == "failed" and rows[k]["output"] is None for k in ("caf\\xe9.png", "fi\nfo.png", "huge.tif")
+    )
 
 
 @pytest.mark.cluster
