@@ -287,8 +287,10 @@ def _follow(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> t
     a link to one or to nothing, is an input that cannot be read, and nothing is read from it."""
     try:
         target = fs.info(path)  # follows symbolic links
-    except OSError:
+    except FileNotFoundError:
         return info, f"a symbolic link to {info.get('destination')}, which does not exist"
+    except OSError as e:  # e.g. a link to itself
+        return info, f"a symbolic link to {info.get('destination')}, which cannot be followed ({e.strerror})"
     if target["type"] in ("file", "directory"):
         return target, None
     return info, "not a regular file (a FIFO, socket or device, or a link to one): nothing was read from it"

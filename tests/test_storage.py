@@ -158,12 +158,17 @@ def test_local_links_are_followed_to_files_and_other_kinds_are_inputs_that_canno
     (tmp_path / "loop").symlink_to(".")
     (tmp_path / "zero.png").symlink_to("/dev/zero")
     (tmp_path / "gone.png").symlink_to("nowhere.png")
+    (tmp_path / "self.png").symlink_to("self.png")
     os.mkfifo(tmp_path / "fifo.png")
     listed = {f.key: f for f in list_inputs(str(tmp_path))}
-    assert sorted(listed) == ["fifo.png", "gone.png", "link.png", "real.png", "zero.png"]
+    assert sorted(listed) == ["fifo.png", "gone.png", "link.png", "real.png", "self.png", "zero.png"]
     assert (listed["link.png"].size, listed["link.png"].error) == (5, None)
     assert listed["link.png"].version == listed["real.png"].version  # the file's, not the link's
     assert listed["gone.png"].error == "a symbolic link to nowhere.png, which does not exist"
+    assert (
+        listed["self.png"].error
+        == "a symbolic link to self.png, which cannot be followed (Too many levels of symbolic links)"
+    )
     assert all(listed[k].error.startswith("not a regular file") for k in ("fifo.png", "zero.png"))
     (one,) = list_inputs(str(tmp_path / "fifo.png"))  # SRC itself: it was a RuntimeError
     assert (one.key, one.error) == ("fifo.png", listed["fifo.png"].error)
