@@ -196,7 +196,8 @@ def nightly(options: NightlyOptions, *, log: TextIO | None = None) -> NightlyRes
             )
         committed = bool(todo or clashes or recovered or changes.gone)
         if committed:
-            listed = {f.key: {"size_bytes": f.size, "source_version": f.version, "output": output_of(run_options, f.key)[1]}
+            listed = {f.key: {"size_bytes": f.size, "source_version": f.version,
+                              "output": output_of(run_options, f.key)[1] if f.error is None else None}
                       for f in inputs}  # fmt: skip
             outcomes = shards.by_input(result.manifest.to_pylist(), listed)
             commit(dst, state, run_id, outcomes, keep=set(listed), model_version=source.version)

@@ -196,11 +196,11 @@ def plan_inputs(
     claimed: dict[str, str] = {}  # output path -> the key that writes it
     if only is not None:
         for f in inputs:
-            if f.key not in only:
+            if f.key not in only and f.error is None:
                 claimed.setdefault(storage.filesystem(output_of(options, f.key)[1])[1], f.key)
         inputs = [f for f in inputs if f.key in only]
     for f in inputs:
-        fmt, out = output_of(options, f.key)
+        fmt, out = output_of(options, f.key) if f.error is None else (None, None)
         row = {
             "source": f.uri,
             "key": f.key,
@@ -210,8 +210,10 @@ def plan_inputs(
             "out_format": fmt,
             "shard": f.key if sharded else None,
         }
+        # Known from the listing (a name that is not UTF-8, a folder that cannot be listed, a file too
+        # large for an image): nothing is read.
         error = f.error or (None if sharded else file_too_large(f.size, options.max_pixels))
-        if error:  # known from the listing (a name that is not UTF-8, a file too large): nothing is read
+        if error:
             settled.append({**row, "output": None, "run_id": run_id, "status": FAILED, "error": error})
             continue
         path = storage.filesystem(out)[1]

@@ -89,7 +89,8 @@ def list_src(src: str, dst: str, requested: str | None) -> tuple[str, list[stora
     found = storage.list_inputs(src, exclude=[dst], suffixes=[s for kind in INPUT_FORMATS for s in SUFFIXES[kind]])
     kinds: dict[str, int] = {}
     for f in found:
-        kinds[kind_of(f.key)] = kinds.get(kind_of(f.key), 0) + 1
+        if f.error is None:  # a folder that cannot be listed is of no kind
+            kinds[kind_of(f.key)] = kinds.get(kind_of(f.key), 0) + 1
     if len(kinds) > 1:
         what = ", ".join(f"{n} {_NAMES[k]}" for k, n in sorted(kinds.items()))
         raise ValueError(f"{src} holds {what}; say which to upscale with --input-format {'|'.join(INPUT_FORMATS)}")

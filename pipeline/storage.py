@@ -75,8 +75,10 @@ def list_inputs(
     One recursive listing, no request per object. Raises FileNotFoundError naming SRC when it does
     not exist (a missing bucket, or a prefix with no objects under it)."""
     fs, root = filesystem(src)
+    local = _is_local(fs)
     try:
-        found: dict[str, dict[str, Any]] = fs.find(root, detail=True)
+        # Locally with the folders too: fsspec's walk leaves out a folder it cannot list, without a word.
+        found: dict[str, dict[str, Any]] = fs.find(root, detail=True, withdirs=local)
     except FileNotFoundError as e:  # s3fs: "The specified bucket does not exist"
         raise FileNotFoundError(errno.ENOENT, f"input {src} does not exist ({e}); check the bucket and path") from None
     except PermissionError as e:
@@ -100,15 +102,23 @@ def list_inputs(
 
     skipped = _excluded_prefixes(fs, root, exclude)
     prefix = root if root.endswith("/") else root + "/"
+    if local and not os.access(root, os.R_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"input {src} cannot be listed (permission denied); check its permissions")
     inputs = []
     for path, info in found.items():
+        if path == root.rstrip("/"):  # listed with the folders
+            continue
         if not path.startswith(prefix):  # not expected from fsspec; a wrong key would misplace outputs
             raise RuntimeError(f"listing {src} returned {path!r}, which is not under it")
         key = path[len(prefix) :]
-        folders, _, name = key.rpartition("/")
-        if posixpath.splitext(name)[1].lower() not in suffixes:
+        name = key.rpartition("/")[2]
+        if STATE_DIR in f"{key}/".split("/") or any(_inside(key, p) for p in skipped):
             continue
-        if STATE_DIR in folders.split("/") or any(_inside(key, p) for p in skipped):
+        if info.get("type") == "directory":
+            if local and not os.access(path, os.R_OK | os.X_OK):
+                inputs.append(_unlisted(src, key))
+            continue
+        if posixpath.splitext(name)[1].lower() not in suffixes:
             continue
         info, error = _follow(fs, path, info) if info.get("type") == "other" else (info, None)
         if info.get("type", "file") == "directory":
@@ -278,6 +288,14 @@ def _complete(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) ->
     if "size" in info and ("ETag" in info or "mtime" in info or "LastModified" in info):
         return info
     return {**info, **fs.info(path)}
+
+
+def _unlisted(src: str, key: str) -> InputFile:
+    """The input that stands for a local folder that cannot be listed (a permission denied): its key
+    is the folder's with a '/' at the end, so that a run says which files it leaves out, and why."""
+    key = printable(key) + "/"
+    why = "this folder cannot be listed (permission denied), so the files in it are not in the run; fix its permissions"
+    return InputFile(_under(src, key), key, 0, "", why)
 
 
 def _follow(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> tuple[dict[str, Any], str | None]:

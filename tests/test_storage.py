@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.run import RunOptions, plan_inputs
 from pipeline.storage import (
     NOT_UTF8,
     InputFile,
@@ -31,6 +35,8 @@ from pipeline.storage import (
     with_suffix,
     write_atomic,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # A tree as a user's dataset might look: key -> bytes (distinct sizes, so a size mix-up shows).
 IMAGES = {
@@ -172,6 +178,56 @@ def test_local_links_are_followed_to_files_and_other_kinds_are_inputs_that_canno
     assert all(listed[k].error.startswith("not a regular file") for k in ("fifo.png", "zero.png"))
     (one,) = list_inputs(str(tmp_path / "fifo.png"))  # SRC itself: it was a RuntimeError
     assert (one.key, one.error) == ("fifo.png", listed["fifo.png"].error)
+
+
+UNPRIVILEGED = [
+    "setpriv",
+    "--bounding-set",
+    "-dac_override,-dac_read_search",
+    "--inh-caps",
+    "-dac_override,-dac_read_search",
+]
+
+
+def test_a_local_folder_that_cannot_be_listed_is_an_input_saying_so(tmp_path: Path) -> None:
+    """fsspec's walk leaves out a folder it cannot list (permission denied) without a word, so its
+    files were silently not in the run. The folder is now an input of its own, with the reason; a
+    SRC that cannot be listed at all is refused. Root reads any folder: as root the listing runs in
+    a process without the capabilities that let it (util-linux's setpriv)."""
+    src = tmp_path / "src"
+    (src / "locked").mkdir(parents=True)
+    (src / "locked" / "inner.png").write_bytes(b"1")
+    (src / "ok.png").write_bytes(b"22")
+    script = (
+        "import sys\nfrom pipeline.storage import list_inputs\nprint([(f.key, f.size, f.error) for f in list_inputs(sys.argv[1])])\n"
+        "try:\n    list_inputs(sys.argv[2])\nexcept PermissionError as e:\n    print(e)"
+    )
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("root reads every folder, and setpriv (util-linux) is missing to run without that")
+    command = [
+        *(UNPRIVILEGED if os.geteuid() == 0 else []),
+        sys.executable,
+        "-c",
+        script,
+        str(src),
+        str(src / "locked"),
+    ]
+    (src / "locked").chmod(0)
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60, check=True)
+    finally:
+        (src / "locked").chmod(0o755)
+    listed, refused = run.stdout.splitlines()
+    why = "this folder cannot be listed (permission denied), so the files in it are not in the run; fix its permissions"
+    assert listed == repr([("locked/", 0, why), ("ok.png", 2, None)])
+    assert refused == f"[Errno 13] input {src / 'locked'} cannot be listed (permission denied); check its permissions"
+
+    # Planned as one failed row, with no output (a folder names none): nothing is read for it.
+    options = RunOptions(src=str(src), dst=str(tmp_path / "dst"))
+    todo, settled = plan_inputs(options, "run", inputs=[InputFile(f"{src}/locked/", "locked/", 0, "", why)])
+    assert todo == [] and [(r["key"], r["status"], r["output"], r["error"]) for r in settled] == [
+        ("locked/", "failed", None, why)
+    ]
 
 
 def test_empty_local_folder_lists_nothing(tmp_path: Path) -> None:
