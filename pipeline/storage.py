@@ -72,8 +72,11 @@ def list_inputs(
     the one input whatever its suffix (the user named it), with its name as key and SRC as URI.
     Otherwise `join(src, f.key) == f.uri` for every key without '.', '..' or empty segments, and
     URIs keep SRC's spelling (a relative SRC gives relative URIs).
+    Locally, a symbolic link to a file is that file; a folder that cannot be listed, a FIFO, a device,
+    a link to nothing and a name that is not UTF-8 are inputs whose `error` says so (nothing reads them).
     One recursive listing, no request per object. Raises FileNotFoundError naming SRC when it does
-    not exist (a missing bucket, or a prefix with no objects under it)."""
+    not exist (a missing bucket, or a prefix with no objects under it), PermissionError when it
+    cannot be listed."""
     fs, root = filesystem(src)
     local = _is_local(fs)
     try:
@@ -92,7 +95,7 @@ def list_inputs(
             return [InputFile(_under(src, ""), name, size, version, error)]
 
     if not found and not fs.isdir(root):
-        if _is_local(fs):
+        if local:
             raise FileNotFoundError(errno.ENOENT, f"input {src} does not exist")
         raise FileNotFoundError(
             errno.ENOENT,
