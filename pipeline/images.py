@@ -3,16 +3,19 @@
 Decoding applies the EXIF orientation and maps every Pillow mode to one of the tiler's layouts:
   L -> HxW uint8; LA -> HxWx2; RGB -> HxWx3; RGBA -> HxWx4; I;16* / I (16-bit grey) -> HxW uint16;
   1 -> L; P -> RGBA if it has transparency, else RGB; PA -> RGBA; CMYK, YCbCr, LAB, HSV -> RGB.
-The ICC profile travels with the image so the output keeps the input's colours.
+What describes the photo travels with it (Metadata): the ICC profile, so the output keeps the
+input's colours; EXIF and XMP (camera, dates, GPS, author, copyright); the resolution; PNG text.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 # Suffix -> Pillow format. Output defaults to the input's format (GIF becomes PNG: a palette of
 # 256 colours would undo the upscale).
@@ -67,11 +70,77 @@ class DecodeError(ValueError):
     """An input that is not a usable image; the message says why."""
 
 
+# EXIF tags carried over: those of the first IFD that describe the photo, not the stored file (its
+# layout, strips, orientation, thumbnail), and the Exif and GPS IFDs but for what cannot move with
+# it: the maker note (vendor data with offsets into the old file) and the interoperability pointer.
+_EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
+_EXIF_KEPT = {
+    0x010D, 0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x013B, 0x013C, 0x8298,  # names, camera, software, dates, artist, copyright
+    0x011A, 0x011B, 0x0128,  # resolution (scaled with the image)
+    0x4746, 0x4749, 0x9C9B, 0x9C9C, 0x9C9D, 0x9C9E, 0x9C9F,  # rating; Windows' title, comment, author, keywords, subject
+}  # fmt: skip
+_EXIF_DROPPED = {0x927C, 0xA005}  # maker note, interoperability IFD
+_PIXEL_DIMENSIONS = (0xA002, 0xA003)  # in the Exif IFD: the image's width and height
+_RESOLUTION = (0x011A, 0x011B)
+_XMP_ORIENTATION = (rb"""tiff:Orientation\s*=\s*["'][0-9]["']""", rb"<tiff:Orientation>\s*[0-9]\s*</tiff:Orientation>")
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that turn the image a quarter
+# JPEG holds EXIF and XMP in one marker segment each (Pillow writes no extended XMP).
+_JPEG_MAX_EXIF, _JPEG_MAX_XMP = 65533, 65504
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What an output carries over from its input: the ICC profile; EXIF, filtered (_EXIF_KEPT) and
+    upright (no orientation: the pixels are turned); XMP, without its orientation (Pillow, for one,
+    turns an image by XMP's where EXIF has none); the resolution in dots per inch; PNG text chunks
+    (written to PNG outputs only). IPTC blocks, maker notes, thumbnails and comments are not
+    carried."""
+
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
+    xmp: bytes | None = None
+    dpi: tuple[float, float] | None = None
+    text: tuple[tuple[str, str], ...] = ()
+
+    def for_output(self, width: int, height: int, scale: int) -> Metadata:
+        """The same, for an output of width x height pixels, `scale` times the input's: the same
+        physical size, so a resolution `scale` times finer; EXIF's pixel dimensions the new ones."""
+        dpi = (self.dpi[0] * scale, self.dpi[1] * scale) if self.dpi else None
+        if self.exif is None:
+            return replace(self, dpi=dpi)
+        try:
+            exif = Image.Exif()
+            exif.load(self.exif)
+            for tag in _RESOLUTION:
+                if tag in exif:
+                    value = float(exif[tag]) * scale
+                    if 0 < value < 1e6:
+                        exif[tag] = value
+                    else:
+                        del exif[tag]
+            if _EXIF_IFD in exif:  # JPEG's EXIF requires them there
+                exif.get_ifd(_EXIF_IFD).update(zip(_PIXEL_DIMENSIONS, (width, height)))
+            return replace(self, exif=exif.tobytes(), dpi=dpi)
+        except Exception:  # noqa: BLE001 - EXIF that cannot be rewritten is left out, the image is not
+            return replace(self, exif=None, dpi=dpi)
+
+    def as_row(self) -> dict[str, Any]:
+        return {"icc_profile": self.icc_profile, "exif": self.exif, "xmp": self.xmp,
+                "dpi": list(self.dpi) if self.dpi else None, "text": [list(kv) for kv in self.text]}  # fmt: skip
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any] | None) -> Metadata:
+        if not row:
+            return cls()
+        return cls(row["icc_profile"], row["exif"], row["xmp"], tuple(row["dpi"]) if row["dpi"] else None,
+                   tuple((k, v) for k, v in row["text"] or ()))  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Decoded:
     pixels: np.ndarray  # HxW, HxWx2, x3 or x4; uint8 or uint16
     format: str  # Pillow format of the source, e.g. "PNG"
-    icc_profile: bytes | None
+    metadata: Metadata = Metadata()
 
 
 def file_too_large(size: int, max_pixels: int | None) -> str | None:
@@ -108,8 +177,8 @@ def _decode(data: bytes, max_pixels: int | None) -> Decoded:
                     f"limit of {max_pixels}; raise --max-pixels if this image is expected"
                 )
             fmt = img.format or "PNG"
-            icc = img.info.get("icc_profile")
             img.seek(0)
+            metadata = _metadata(img)
             img = ImageOps.exif_transpose(img)
             pixels = _to_array(img)
     except DecodeError:
@@ -118,7 +187,71 @@ def _decode(data: bytes, max_pixels: int | None) -> Decoded:
         raise DecodeError("not an image in any supported format (PNG, JPEG, WebP, TIFF, BMP, GIF)") from None
     except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types on hostile files
         raise DecodeError(f"not a readable image ({type(e).__name__}: {e})") from None
-    return Decoded(pixels, fmt, icc)
+    return Decoded(pixels, fmt, metadata)
+
+
+def _metadata(img: Image.Image) -> Metadata:
+    """The metadata of an image as stored (before exif_transpose). A part that cannot be read is left
+    out: metadata never costs an image."""
+    info = img.info
+    try:
+        exif = img.getexif()
+        orientation = int(exif.get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - whatever a broken EXIF block raises, the pixels are what count
+        exif, orientation = Image.Exif(), 1
+    # A JPEG whose JFIF unit is 0 states only an aspect ratio, which Pillow reports as "dpi".
+    dpi = (_dpi(info.get("dpi")) if info.get("jfif_unit") != 0 else None) or _dpi(_exif_dpi(exif))
+    if dpi and orientation in _SWAPS_AXES:
+        dpi = dpi[::-1]
+    xmp = info.get("xmp", info.get("XML:com.adobe.xmp"))
+    xmp = xmp.encode() if isinstance(xmp, str) else xmp if isinstance(xmp, bytes) else None
+    for pattern in _XMP_ORIENTATION if xmp else ():  # the output is upright, whatever the input's XMP said
+        xmp = re.sub(pattern, b"", xmp)
+    # Text chunks may follow the pixels: PngImageFile.text reads to the end, through every frame of
+    # an animated PNG (of which only the first is upscaled), so an animated PNG's text stays behind.
+    text = img.text if isinstance(img, PngImagePlugin.PngImageFile) and not img.is_animated else {}
+    text = tuple(
+        (k, v)
+        for k, v in text.items()
+        if isinstance(v, str)
+        and 0 < len(k) < 80
+        and max(map(ord, k)) < 256
+        and not k.startswith(("XML:", "Raw profile"))
+    )  # a PNG keyword is 1-79 Latin-1 characters
+    icc = info.get("icc_profile")
+    return Metadata(icc if isinstance(icc, bytes) and icc else None, _exif_kept(exif), xmp or None, dpi, text)
+
+
+def _dpi(value: Any) -> tuple[float, float] | None:
+    try:
+        x, y = float(value[0]), float(value[1])
+    except (TypeError, ValueError, IndexError, ZeroDivisionError):
+        return None
+    return (x, y) if 0 < x < 1e6 and 0 < y < 1e6 else None
+
+
+def _exif_dpi(exif: Image.Exif) -> tuple[float, float] | None:
+    """The resolution EXIF states in dots per inch (formats whose own header has none: WebP)."""
+    per_inch = {2: 1.0, 3: 2.54}.get(exif.get(0x0128, 2))  # ResolutionUnit: inch (the default) or cm
+    x, y = exif.get(_RESOLUTION[0]), exif.get(_RESOLUTION[1])
+    return None if per_inch is None or x is None or y is None else (float(x) * per_inch, float(y) * per_inch)
+
+
+def _exif_kept(source: Image.Exif) -> bytes | None:
+    """EXIF reduced to _EXIF_KEPT and its Exif and GPS IFDs, or None."""
+    try:
+        exif = Image.Exif()
+        for tag in _EXIF_KEPT & set(source):
+            exif[tag] = source[tag]
+        ifds = {
+            p: {t: v for t, v in source.get_ifd(p).items() if t not in _EXIF_DROPPED} for p in (_EXIF_IFD, _GPS_IFD)
+        }
+        for pointer, ifd in ifds.items():
+            if ifd:
+                exif.get_ifd(pointer).update(ifd)
+        return exif.tobytes() if len(exif) or any(ifds.values()) else None
+    except Exception:  # noqa: BLE001 - a broken EXIF block is left out, the image is not
+        return None
 
 
 def _to_array(img: Image.Image) -> np.ndarray:
@@ -145,10 +278,11 @@ _MAX_SIDE = {"WEBP": 16383, "JPEG": 65535}  # the formats' own limits
 PNG_COMPRESS_LEVEL = 1
 
 
-def encode(pixels: np.ndarray, fmt: str, *, icc_profile: bytes | None = None, quality: int = 95) -> bytes:
-    """Encode an array (layouts as `decode` returns) in Pillow format `fmt`. JPEG cannot hold alpha
-    or 16 bits: alpha is composited onto white and 16-bit is reduced to 8-bit for it. Raises
-    ValueError for an image larger than the format can hold."""
+def encode(pixels: np.ndarray, fmt: str, *, metadata: Metadata | None = None, quality: int = 95) -> bytes:
+    """Encode an array (layouts as `decode` returns) in Pillow format `fmt`, with what of `metadata`
+    the format holds (_metadata_options). JPEG cannot hold alpha or 16 bits: alpha is composited
+    onto white and 16-bit is reduced to 8-bit for it. Raises ValueError for an image larger than the
+    format can hold."""
     fmt = "PNG" if fmt == "GIF" else fmt
     h, w = pixels.shape[:2]
     if max(h, w) > _MAX_SIDE.get(fmt, max(h, w)):
@@ -161,9 +295,7 @@ def encode(pixels: np.ndarray, fmt: str, *, icc_profile: bytes | None = None, qu
         img = Image.alpha_composite(background, img.convert("RGBA")).convert("RGB" if img.mode == "RGBA" else "L")
     if fmt in ("JPEG", "WEBP", "BMP") and pixels.dtype == np.uint16:
         img = Image.fromarray((pixels // 257).astype(np.uint8))
-    options: dict[str, object] = {}
-    if icc_profile:
-        options["icc_profile"] = icc_profile
+    options: dict[str, Any] = {}
     if fmt in ("JPEG", "WEBP"):
         options["quality"] = quality
     if fmt == "PNG":
@@ -172,5 +304,48 @@ def encode(pixels: np.ndarray, fmt: str, *, icc_profile: bytes | None = None, qu
         # stage that binds beside a GPU; PNG stays lossless at any level.
         options["compress_level"] = PNG_COMPRESS_LEVEL
     buffer = io.BytesIO()
-    img.save(buffer, format=fmt, **options)
+    try:
+        img.save(buffer, format=fmt, **options, **_metadata_options(metadata or Metadata(), fmt))
+    except Exception:  # metadata Pillow cannot write (odd EXIF types, say) never costs the image
+        if metadata is None:
+            raise
+        buffer = io.BytesIO()
+        img.save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def _metadata_options(metadata: Metadata, fmt: str) -> dict[str, Any]:
+    """Pillow's save options that write `metadata` in `fmt`: every format but BMP holds the ICC
+    profile, EXIF and XMP (JPEG up to one marker segment of each: larger blocks are left out); PNG,
+    TIFF, JPEG and BMP the resolution; PNG its text chunks."""
+    m = metadata
+    options: dict[str, Any] = {}
+    if m.icc_profile and fmt != "BMP":
+        options["icc_profile"] = m.icc_profile
+    if m.dpi and fmt in ("PNG", "TIFF", "JPEG", "BMP") and (fmt != "JPEG" or max(m.dpi) < 65535):
+        options["dpi"] = m.dpi  # JPEG's JFIF header holds 16-bit densities
+    exif, xmp = m.exif, m.xmp
+    if fmt == "JPEG":
+        exif = exif if exif and len(exif) <= _JPEG_MAX_EXIF else None
+        xmp = xmp if xmp and len(xmp) <= _JPEG_MAX_XMP else None
+    if fmt == "TIFF":
+        if exif or xmp:
+            tags = Image.Exif()
+            if exif:
+                tags.load(exif)
+            if xmp:
+                tags[700] = xmp  # TIFF's XMP tag
+            options["exif"] = tags
+    elif fmt != "BMP":
+        if exif:
+            options["exif"] = exif
+        if xmp and fmt in ("JPEG", "WEBP"):
+            options["xmp"] = xmp
+    if fmt == "PNG" and (m.text or xmp):
+        info = PngImagePlugin.PngInfo()
+        for key, value in m.text:
+            info.add_text(key, value, zip=len(value) > 1024)
+        if xmp:
+            info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"), zip=True)
+        options["pnginfo"] = info
+    return options

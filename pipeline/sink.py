@@ -22,7 +22,7 @@ from ray.data import Datasink
 from ray.data.datasource.datasink import WriteResult
 
 from pipeline import quality, shards, storage
-from pipeline.images import encode
+from pipeline.images import Metadata, encode
 from pipeline.manifest import COLUMNS, FAILED, OK, table
 from pipeline.report import LOW_CONSISTENCY, Thresholds
 from pipeline.stages import RT_SCORES, unpack
@@ -303,7 +303,7 @@ def assemble(
                 out = np.empty((int(first["out_height"]), int(first["out_width"]), *band.shape[2:]), band.dtype)
             out[row_at : row_at + band.shape[0]] = band
             row_at += band.shape[0]
-        data = encode(out, first["out_format"], icc_profile=first["icc"])
+        data = encode(out, first["out_format"], metadata=Metadata.from_row(first["meta"]))
         if first["shard"] is None:
             storage.write_atomic(first["output"], data)
     except Exception as e:  # noqa: BLE001 - one image's failure is its row, never the run's

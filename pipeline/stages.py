@@ -13,10 +13,10 @@ loaded with allow_pickle=False):
   listing  source, key, size_bytes, source_version, output, out_format, spot_check; rows of image
            shards (pipeline.shards) also: shard (its key), row_index, payload (the row's image bytes,
            written back unchanged if the row fails), carry (the rest of the row)
-  decode   status, error, format, mode, width, height, icc, decode_s, piece_index, piece_count,
-           band (6 ints: tile rows, owned output rows, input rows), pixels (array: the band's
-           input rows), rt_lr / rt_ref (arrays: the round-trip LR image and reference, piece 0 of
-           a spot-checked image only)
+  decode   status, error, format, mode, width, height, meta (the output's images.Metadata),
+           decode_s, piece_index, piece_count, band (6 ints: tile rows, owned output rows, input
+           rows), pixels (array: the band's input rows), rt_lr / rt_ref (arrays: the round-trip LR
+           image and reference, piece 0 of a spot-checked image only)
   model    out_pixels (array: the owned output rows), rt_sr (array), tiles, model_s, model_sha256
   finish   data (the encoded image, or the band's rows as an array), out_width,
            out_height, consistency_sse, consistency_n, rt_* scores, crop_before, crop_after,
@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from model.tiling import Band, Piece, plan_tiles, split_image, upscale_pieces
 from pipeline import quality, storage
-from pipeline.images import DecodeError, decode, encode, output_format_of
+from pipeline.images import DecodeError, Metadata, decode, encode, output_format_of
 from pipeline.manifest import FAILED, OK
 from pipeline.report import crop_pair
 
@@ -44,8 +44,10 @@ _STRING = ("source", "key", "source_version", "output", "out_format", "status", 
 _INT = ("size_bytes", "width", "height", "piece_index", "piece_count", "tiles", "tiles_skipped", "consistency_n", "out_width",
         "out_height", "row_index")  # fmt: skip
 _FLOAT = ("decode_s", "model_s", "encode_s", "consistency_sse")
-_BINARY = ("icc", "pixels", "rt_lr", "rt_ref", "out_pixels", "rt_sr", "data", "crop_before", "crop_after", "payload",
+_BINARY = ("pixels", "rt_lr", "rt_ref", "out_pixels", "rt_sr", "data", "crop_before", "crop_after", "payload",
            "carry")  # fmt: skip
+META = pa.struct([("icc_profile", pa.binary()), ("exif", pa.binary()), ("xmp", pa.binary()),
+                  ("dpi", pa.list_(pa.float64())), ("text", pa.list_(pa.list_(pa.string())))])  # fmt: skip
 RT_SCORES = ("rt_psnr_model", "rt_psnr_bicubic", "rt_psnr_model_y", "rt_psnr_bicubic_y", "rt_gain_db")
 SCHEMA = pa.schema(
     [(c, pa.string()) for c in _STRING]
@@ -53,6 +55,7 @@ SCHEMA = pa.schema(
     + [(c, pa.float64()) for c in _FLOAT + RT_SCORES]
     + [(c, pa.large_binary()) for c in _BINARY]  # large: one band of a big image can pass 2 GB
     + [("spot_check", pa.bool_()), ("band", pa.list_(pa.int64()))]
+    + [("meta", META)]
 )
 PIXEL_COLUMNS = ("pixels", "out_pixels", "rt_lr", "rt_ref", "rt_sr")
 
@@ -89,7 +92,7 @@ def _mode(pixels: np.ndarray) -> str:
 DECODE_COLUMNS = [
     "source", "key", "size_bytes", "source_version", "output", "out_format", "spot_check", "shard", "row_index",
     "payload", "carry",
-    "status", "error", "format", "mode", "width", "height", "icc", "decode_s",
+    "status", "error", "format", "mode", "width", "height", "meta", "decode_s",
     "piece_index", "piece_count", "band", "pixels", "rt_lr", "rt_ref",
 ]  # fmt: skip
 
@@ -133,7 +136,7 @@ def decode_row(
         "mode": _mode(image.pixels),
         "width": w,
         "height": h,
-        "icc": image.icc_profile,
+        "meta": image.metadata.for_output(w * scale, h * scale, scale).as_row(),
         "piece_count": len(pieces),
         "decode_s": time.perf_counter() - started,
     }
@@ -250,7 +253,8 @@ def _finish_row(row: dict[str, Any], scale: int) -> None:
     row.update(out_width=out.shape[1], out_height=int(row["height"]) * scale)
     if row["spot_check"] and int(row["piece_index"]) == 0:
         row["crop_before"], row["crop_after"] = crop_pair(own_input, out, scale=scale)
-    row["data"] = encode(out, row["out_format"], icc_profile=row["icc"]) if int(row["piece_count"]) == 1 else pack(out)
+    whole = int(row["piece_count"]) == 1
+    row["data"] = encode(out, row["out_format"], metadata=Metadata.from_row(row["meta"])) if whole else pack(out)
 
 
 FINISH_COLUMNS = [c for c in MODEL_COLUMNS if c not in PIXEL_COLUMNS] + [

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, PngImagePlugin
 
 from pipeline.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
 
@@ -127,21 +127,83 @@ def test_awkward_names_and_kinds_of_file_are_each_upscaled_or_one_failed_row(
     )
 
 
+XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+       b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" xmlns:dc="http://purl.org/dc/elements/1.1/" '
+       b'tiff:Orientation="6"><dc:creator>Ann Archivist</dc:creator></rdf:Description></rdf:RDF></x:xmpmeta>')  # fmt: skip
+
+
 @pytest.mark.cluster
-def test_exif_orientation_is_applied_and_icc_profile_kept(
-    ray_local: None, tmp_path: Path, tiny_checkpoint: str
+def test_outputs_keep_what_describes_the_photo_and_are_upright(
+    ray_local: None, tmp_path: Path, tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A phone photo stored on its side, a PNG with text chunks, a TIFF scan: each output is upright
+    and keeps the ICC profile, EXIF (camera, date, GPS, copyright), XMP, PNG text and the physical
+    size (4x the dots per inch); what described the stored file (orientation, maker note, pixel
+    dimensions) does not follow it."""
     src = tmp_path / "src"
     src.mkdir()
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    exif.update({0x0112: 6, 0x010F: "Canon", 0x0110: "EOS R5", 0x8298: "(c) City Archive"})  # 6: turn 90° to show
+    exif.get_ifd(0x8769).update({0x9003: "2021:06:01 12:00:00", 0xA002: 480, 0xA003: 40, 0x927C: b"vendor" * 20})
+    exif.get_ifd(0x8825).update({1: "N", 2: (52.0, 31.0, 12.5)})
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    Image.fromarray(photo(40, 100)).save(src / "phone.jpg", exif=exif.tobytes(), icc_profile=icc)
+    options = {"exif": exif.tobytes(), "icc_profile": icc, "xmp": XMP, "dpi": (300, 300)}
+    Image.fromarray(photo(40, 480)).save(src / "phone.jpg", **options)
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Title", "Harbour, 1921")
+    text.add_itxt("Description", "Hafen – Blick nach Süden")
+    Image.fromarray(photo(30, 20)).save(src / "text.png", pnginfo=text, dpi=(72, 72))
+    scan = Image.Exif()
+    scan.update({0x013B: "Scanner operator", 0x0112: 1})
+    Image.fromarray(photo(20, 30)[..., 0]).save(src / "scan.tif", exif=scan, dpi=(600, 600))
     assert main(["upscale", str(src), str(tmp_path / "dst"), "--checkpoint", tiny_checkpoint]) == EXIT_OK
-    with Image.open(tmp_path / "dst" / "phone.jpg") as out:
-        assert out.size == (4 * 40, 4 * 100)  # displayed orientation: 40 wide, 100 tall
-        assert out.info.get("icc_profile") == icc
-        assert out.getexif().get(0x0112, 1) == 1  # upright already: a viewer must not rotate it again
+    # The phone photo alone: on 2 CPU actors it is cut into two bands, which the sink stacks and writes.
+    alone = ["upscale", str(src / "phone.jpg"), str(tmp_path / "alone"), "--checkpoint", tiny_checkpoint]
+    assert main([*alone, "--gpus-per-worker", "0"]) == EXIT_OK
+    tiles = {}
+    for run_dir in re.findall(r"^manifest and report: (.+)$", capsys.readouterr().out, re.MULTILINE):
+        manifest = pq.read_table(Path(run_dir) / "manifest.parquet").to_pylist()
+        tiles[len(manifest)] = next(r["tiles"] for r in manifest if r["key"] == "phone.jpg")
+    assert tiles[1] > tiles[3], "not cut: the tile row on either side of a cut runs twice"
+
+    for out_path in (tmp_path / "dst" / "phone.jpg", tmp_path / "alone" / "phone.jpg"):
+        with Image.open(out_path) as out:
+            assert out.size == (4 * 40, 4 * 480)  # displayed orientation: 40 wide, 480 tall
+            kept = out.getexif()
+            assert kept.get(0x0112, 1) == 1  # upright already: a viewer must not turn it again
+            assert (kept[0x010F], kept[0x0110], kept[0x8298]) == ("Canon", "EOS R5", "(c) City Archive")
+            # the date kept, the pixel dimensions the output's, the maker note gone
+            assert dict(kept.get_ifd(0x8769)) == {0x9003: "2021:06:01 12:00:00", 0xA002: 160, 0xA003: 1920}
+            assert dict(kept.get_ifd(0x8825)) == {1: "N", 2: (52.0, 31.0, 12.5)}
+            assert out.info["icc_profile"] == icc and out.info["dpi"] == (1200, 1200)
+            assert b"<dc:creator>Ann Archivist</dc:creator>" in out.info["xmp"]
+            assert b"Orientation" not in out.info["xmp"]
+    with Image.open(tmp_path / "dst" / "text.png") as out:
+        assert out.text == {"Title": "Harbour, 1921", "Description": "Hafen – Blick nach Süden"}
+        assert out.info["dpi"] == pytest.approx((288, 288), abs=0.1)  # PNG stores whole dots per metre: 72.01 in
+    with Image.open(tmp_path / "dst" / "scan.tif") as out:
+        assert out.getexif()[0x013B] == "Scanner operator" and out.info["dpi"] == (2400, 2400)
+
+
+def test_metadata_a_format_cannot_hold_is_left_out_and_the_image_written() -> None:
+    """EXIF larger than a JPEG marker segment (64 KB) goes into a PNG but not a JPEG, whose image is
+    written all the same; a dpi above JPEG's 16-bit density likewise; metadata Pillow cannot write
+    at all never costs the image."""
+    from pipeline.images import Metadata, decode, encode
+
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 70_000  # an ImageDescription too long for JPEG
+    metadata = Metadata(exif=exif.tobytes(), dpi=(70_000.0, 70_000.0))
+    pixels = photo(8, 8)
+    with Image.open(io.BytesIO(encode(pixels, "PNG", metadata=metadata))) as png:
+        assert png.getexif()[0x010E] == "x" * 70_000 and png.info["dpi"] == pytest.approx((70_000, 70_000), rel=1e-4)
+    jpeg = encode(pixels, "JPEG", metadata=metadata)
+    with Image.open(io.BytesIO(jpeg)) as out:
+        assert 0x010E not in out.getexif() and out.info.get("dpi") in (None, (1, 1))
+    assert decode(jpeg).pixels.shape == (8, 8, 3)
+    unwritable = Metadata(exif=b"not EXIF", xmp=b"\xff\xfe", text=(("\u20ac", "a PNG keyword is Latin-1"),))
+    for fmt in ("PNG", "JPEG", "WEBP", "TIFF", "BMP"):
+        assert decode(encode(pixels, fmt, metadata=unwritable)).pixels.shape == (8, 8, 3), fmt
 
 
 @pytest.mark.cluster

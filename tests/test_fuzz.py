@@ -1,5 +1,6 @@
 """Hostile input, property-based (hypothesis, bounded): decoding either gives a usable image or a
-DecodeError, never another exception; every image it gives tiles into exactly 4x its size; tile
+DecodeError, never another exception; every image it gives tiles into exactly 4x its size and can be
+written with its metadata in every output format; tile
 plans of absurd sizes still cover every pixel with tiles inside the image."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from model.tiling import axis_starts, plan_tiles, upscale_array
-from pipeline.images import DecodeError, decode
+from pipeline.images import DecodeError, decode, encode
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LIMIT = 4_000_000  # --max-pixels for the fuzzed decodes: a pixel bomb must be refused, not allocated
@@ -56,7 +57,26 @@ def images(draw) -> tuple[bytes, tuple[int, int]]:
     if fmt in ("JPEG", "WEBP", "PNG", "TIFF") and draw(st.booleans()):
         exif = Image.Exif()
         exif[0x0112] = draw(st.integers(1, 8))  # orientation
+        if draw(st.booleans()):  # what a camera writes: make, resolution, the Exif and GPS IFDs, a maker note
+            exif.update(
+                {0x010F: "Camera", 0x011A: draw(st.floats(0, 1e5)), 0x011B: 72.0, 0x0128: draw(st.integers(1, 3))}
+            )
+            exif.get_ifd(0x8769).update({0x9003: "2024:05:06 07:08:09", 0xA002: w, 0xA003: h, 0x927C: b"vendor" * 9})
+            exif.get_ifd(0x8825).update({1: "N", 2: (52.0, 31.0, 12.5)})
         options["exif"] = exif.tobytes()
+    if fmt in ("JPEG", "WEBP") and draw(st.booleans()):
+        options["xmp"] = (
+            b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+        )
+    if fmt in ("PNG", "JPEG", "TIFF", "BMP") and draw(st.booleans()):
+        options["dpi"] = (draw(st.floats(1, 2e4)), draw(st.floats(1, 2e4)))
+    if fmt == "PNG" and draw(st.booleans()):
+        from PIL import PngImagePlugin
+
+        options["pnginfo"] = PngImagePlugin.PngInfo()
+        options["pnginfo"].add_text(
+            draw(st.sampled_from(["Title", "parameters", "Comment"])), draw(st.text(max_size=40))
+        )
     if fmt in ("PNG", "JPEG", "TIFF") and mode in ("RGB", "L") and draw(st.booleans()):
         from PIL import ImageCms
 
@@ -69,7 +89,8 @@ def images(draw) -> tuple[bytes, tuple[int, int]]:
 
 
 def decodes_or_refuses(data: bytes):
-    """decode() gives a usable image or raises DecodeError: any other exception fails the test."""
+    """decode() gives a usable image or raises DecodeError: any other exception fails the test. An
+    image it gives can be written, with the metadata it carries, in every output format."""
     try:
         out = decode(data, name="fuzzed", max_pixels=LIMIT)
     except DecodeError as e:
@@ -78,6 +99,9 @@ def decodes_or_refuses(data: bytes):
     p = out.pixels
     assert p.dtype in (np.uint8, np.uint16) and p.ndim in (2, 3) and min(p.shape[:2]) >= 1
     assert p.ndim == 2 or p.shape[2] in (2, 3, 4)
+    metadata = out.metadata.for_output(4 * p.shape[1], 4 * p.shape[0], 4)
+    for fmt in ("PNG", "JPEG", "WEBP", "TIFF", "BMP"):
+        assert decode(encode(p, fmt, metadata=metadata)).pixels.shape[:2] == p.shape[:2], fmt
     return p
 
 
