@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, IptcImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 # Suffix -> Pillow format. Output defaults to the input's format (GIF becomes PNG: a palette of
 # 256 colours would undo the upscale).
@@ -86,21 +87,23 @@ _XMP_ORIENTATION = (rb"""tiff:Orientation\s*=\s*["'][0-9]["']""", rb"<tiff:Orien
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that turn the image a quarter
 # JPEG holds EXIF and XMP in one marker segment each (Pillow writes no extended XMP).
 _JPEG_MAX_EXIF, _JPEG_MAX_XMP = 65533, 65504
+_TIFF_IPTC = 33723  # the TIFF tag of IPTC records
 
 
 @dataclass(frozen=True)
 class Metadata:
     """What an output carries over from its input: the ICC profile; EXIF, filtered (_EXIF_KEPT) and
     upright (no orientation: the pixels are turned); XMP, without its orientation (Pillow, for one,
-    turns an image by XMP's where EXIF has none); the resolution in dots per inch; PNG text chunks
-    (written to PNG outputs only). IPTC blocks, maker notes, thumbnails and comments are not
-    carried."""
+    turns an image by XMP's where EXIF has none); IPTC records (captions, keywords, credits: to JPEG
+    and TIFF outputs); the resolution in dots per inch; PNG text chunks (to PNG outputs). Maker
+    notes, thumbnails, comments and Photoshop's other resources are not carried."""
 
     icc_profile: bytes | None = None
     exif: bytes | None = None
     xmp: bytes | None = None
     dpi: tuple[float, float] | None = None
     text: tuple[tuple[str, str], ...] = ()
+    iptc: bytes | None = None
 
     def for_output(self, width: int, height: int, scale: int) -> Metadata:
         """The same, for an output of width x height pixels, `scale` times the input's: the same
@@ -126,14 +129,14 @@ class Metadata:
 
     def as_row(self) -> dict[str, Any]:
         return {"icc_profile": self.icc_profile, "exif": self.exif, "xmp": self.xmp,
-                "dpi": list(self.dpi) if self.dpi else None, "text": [list(kv) for kv in self.text]}  # fmt: skip
+                "dpi": list(self.dpi) if self.dpi else None, "text": [list(kv) for kv in self.text], "iptc": self.iptc}  # fmt: skip
 
     @classmethod
     def from_row(cls, row: dict[str, Any] | None) -> Metadata:
         if not row:
             return cls()
         return cls(row["icc_profile"], row["exif"], row["xmp"], tuple(row["dpi"]) if row["dpi"] else None,
-                   tuple((k, v) for k, v in row["text"] or ()))  # fmt: skip
+                   tuple((k, v) for k, v in row["text"] or ()), row["iptc"])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,38 @@ def _metadata(img: Image.Image) -> Metadata:
         and not k.startswith(("XML:", "Raw profile"))
     )  # a PNG keyword is 1-79 Latin-1 characters
     icc = info.get("icc_profile")
-    return Metadata(icc if isinstance(icc, bytes) and icc else None, _exif_kept(exif), xmp or None, dpi, text)
+    return Metadata(
+        icc if isinstance(icc, bytes) and icc else None, _exif_kept(exif), xmp or None, dpi, text, _iptc(img)
+    )
+
+
+def _iptc(img: Image.Image) -> bytes | None:
+    """The image's IPTC records (a JPEG's Photoshop block, a TIFF's IPTC tag) as one IPTC stream,
+    or None. Pillow reads them but writes none, so they are put back together here: each record is
+    0x1C, record and dataset numbers, a 2-byte length and the value (IPTC-NAA IIM 4.2, 1.5)."""
+    try:
+        records = IptcImagePlugin.getiptcinfo(img) or {}
+        out = bytearray()
+        for (record, dataset), values in records.items():
+            for value in values if isinstance(values, list) else [values]:
+                if len(value) < 0x8000:  # longer values take IIM's extended length: left out
+                    out += struct.pack(">BBBH", 0x1C, record, dataset, len(value)) + value
+        return bytes(out) or None
+    except Exception:  # noqa: BLE001 - a broken IPTC block is left out, the image is not
+        return None
+
+
+def _with_iptc(jpeg: bytes, iptc: bytes) -> bytes:
+    """A JPEG with `iptc` in a Photoshop APP13 segment (resource 0x0404), after the APPn segments
+    Pillow wrote (JFIF, EXIF, XMP, ICC), or unchanged where it would not fit one segment."""
+    resource = b"8BIM" + struct.pack(">H2xI", 0x0404, len(iptc)) + iptc + b"\0" * (len(iptc) % 2)  # no name, padded
+    body = b"Photoshop 3.0\0" + resource
+    if len(body) > 65533:
+        return jpeg
+    at = 2  # after SOI
+    while jpeg[at] == 0xFF and 0xE0 <= jpeg[at + 1] <= 0xEF:
+        at += 2 + struct.unpack(">H", jpeg[at + 2 : at + 4])[0]
+    return jpeg[:at] + b"\xff\xed" + struct.pack(">H", len(body) + 2) + body + jpeg[at:]
 
 
 def _dpi(value: Any) -> tuple[float, float] | None:
@@ -311,13 +345,16 @@ def encode(pixels: np.ndarray, fmt: str, *, metadata: Metadata | None = None, qu
             raise
         buffer = io.BytesIO()
         img.save(buffer, format=fmt, **options)
+    if fmt == "JPEG" and metadata and metadata.iptc:
+        return _with_iptc(buffer.getvalue(), metadata.iptc)
     return buffer.getvalue()
 
 
 def _metadata_options(metadata: Metadata, fmt: str) -> dict[str, Any]:
     """Pillow's save options that write `metadata` in `fmt`: every format but BMP holds the ICC
     profile, EXIF and XMP (JPEG up to one marker segment of each: larger blocks are left out); PNG,
-    TIFF, JPEG and BMP the resolution; PNG its text chunks."""
+    TIFF, JPEG and BMP the resolution; PNG its text chunks; TIFF the IPTC records (a JPEG's are
+    added to the encoded file, _with_iptc)."""
     m = metadata
     options: dict[str, Any] = {}
     if m.icc_profile and fmt != "BMP":
@@ -329,12 +366,14 @@ def _metadata_options(metadata: Metadata, fmt: str) -> dict[str, Any]:
         exif = exif if exif and len(exif) <= _JPEG_MAX_EXIF else None
         xmp = xmp if xmp and len(xmp) <= _JPEG_MAX_XMP else None
     if fmt == "TIFF":
-        if exif or xmp:
+        if exif or xmp or m.iptc:
             tags = Image.Exif()
             if exif:
                 tags.load(exif)
             if xmp:
                 tags[700] = xmp  # TIFF's XMP tag
+            if m.iptc:
+                tags[_TIFF_IPTC] = m.iptc
             options["exif"] = tags
     elif fmt != "BMP":
         if exif:

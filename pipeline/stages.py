@@ -47,7 +47,8 @@ _FLOAT = ("decode_s", "model_s", "encode_s", "consistency_sse")
 _BINARY = ("pixels", "rt_lr", "rt_ref", "out_pixels", "rt_sr", "data", "crop_before", "crop_after", "payload",
            "carry")  # fmt: skip
 META = pa.struct([("icc_profile", pa.binary()), ("exif", pa.binary()), ("xmp", pa.binary()),
-                  ("dpi", pa.list_(pa.float64())), ("text", pa.list_(pa.list_(pa.string())))])  # fmt: skip
+                  ("dpi", pa.list_(pa.float64())), ("text", pa.list_(pa.list_(pa.string()))),
+                  ("iptc", pa.binary())])  # fmt: skip
 RT_SCORES = ("rt_psnr_model", "rt_psnr_bicubic", "rt_psnr_model_y", "rt_psnr_bicubic_y", "rt_gain_db")
 SCHEMA = pa.schema(
     [(c, pa.string()) for c in _STRING]

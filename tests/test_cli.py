@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageCms, PngImagePlugin
+from PIL import Image, ImageCms, IptcImagePlugin, PngImagePlugin
 
 from pipeline.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
+from tests.iptc import with_iptc
 
 
 def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -137,9 +138,9 @@ def test_outputs_keep_what_describes_the_photo_and_are_upright(
     ray_local: None, tmp_path: Path, tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A phone photo stored on its side, a PNG with text chunks, a TIFF scan: each output is upright
-    and keeps the ICC profile, EXIF (camera, date, GPS, copyright), XMP, PNG text and the physical
-    size (4x the dots per inch); what described the stored file (orientation, maker note, pixel
-    dimensions) does not follow it."""
+    and keeps the ICC profile, EXIF (camera, date, GPS, copyright), XMP, IPTC keywords, PNG text
+    and the physical size (4x the dots per inch); what described the stored file (orientation,
+    maker note, pixel dimensions) does not follow it. The same as TIFF, through the band path."""
     src = tmp_path / "src"
     src.mkdir()
     exif = Image.Exif()
@@ -148,7 +149,9 @@ def test_outputs_keep_what_describes_the_photo_and_are_upright(
     exif.get_ifd(0x8825).update({1: "N", 2: (52.0, 31.0, 12.5)})
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     options = {"exif": exif.tobytes(), "icc_profile": icc, "xmp": XMP, "dpi": (300, 300)}
-    Image.fromarray(photo(40, 480)).save(src / "phone.jpg", **options)
+    phone = io.BytesIO()
+    Image.fromarray(photo(40, 480)).save(phone, "JPEG", **options)
+    (src / "phone.jpg").write_bytes(with_iptc(phone.getvalue(), [b"harbour", b"1921"]))
     text = PngImagePlugin.PngInfo()
     text.add_text("Title", "Harbour, 1921")
     text.add_itxt("Description", "Hafen – Blick nach Süden")
@@ -157,16 +160,16 @@ def test_outputs_keep_what_describes_the_photo_and_are_upright(
     scan.update({0x013B: "Scanner operator", 0x0112: 1})
     Image.fromarray(photo(20, 30)[..., 0]).save(src / "scan.tif", exif=scan, dpi=(600, 600))
     assert main(["upscale", str(src), str(tmp_path / "dst"), "--checkpoint", tiny_checkpoint]) == EXIT_OK
-    # The phone photo alone: on 2 CPU actors it is cut into two bands, which the sink stacks and writes.
+    # The phone photo alone, as TIFF: on 2 CPU actors it is cut into two bands, which the sink stacks.
     alone = ["upscale", str(src / "phone.jpg"), str(tmp_path / "alone"), "--checkpoint", tiny_checkpoint]
-    assert main([*alone, "--gpus-per-worker", "0"]) == EXIT_OK
+    assert main([*alone, "--gpus-per-worker", "0", "--format", "tiff"]) == EXIT_OK
     tiles = {}
     for run_dir in re.findall(r"^manifest and report: (.+)$", capsys.readouterr().out, re.MULTILINE):
         manifest = pq.read_table(Path(run_dir) / "manifest.parquet").to_pylist()
         tiles[len(manifest)] = next(r["tiles"] for r in manifest if r["key"] == "phone.jpg")
     assert tiles[1] > tiles[3], "not cut: the tile row on either side of a cut runs twice"
 
-    for out_path in (tmp_path / "dst" / "phone.jpg", tmp_path / "alone" / "phone.jpg"):
+    for out_path in (tmp_path / "dst" / "phone.jpg", tmp_path / "alone" / "phone.tif"):
         with Image.open(out_path) as out:
             assert out.size == (4 * 40, 4 * 480)  # displayed orientation: 40 wide, 480 tall
             kept = out.getexif()
@@ -178,6 +181,7 @@ def test_outputs_keep_what_describes_the_photo_and_are_upright(
             assert out.info["icc_profile"] == icc and out.info["dpi"] == (1200, 1200)
             assert b"<dc:creator>Ann Archivist</dc:creator>" in out.info["xmp"]
             assert b"Orientation" not in out.info["xmp"]
+            assert IptcImagePlugin.getiptcinfo(out)[(2, 25)] == [b"harbour", b"1921"]
     with Image.open(tmp_path / "dst" / "text.png") as out:
         assert out.text == {"Title": "Harbour, 1921", "Description": "Hafen – Blick nach Süden"}
         assert out.info["dpi"] == pytest.approx((288, 288), abs=0.1)  # PNG stores whole dots per metre: 72.01 in

@@ -18,6 +18,7 @@ from PIL import Image
 
 from model.tiling import axis_starts, plan_tiles, upscale_array
 from pipeline.images import DecodeError, decode, encode
+from tests.iptc import with_iptc
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LIMIT = 4_000_000  # --max-pixels for the fuzzed decodes: a pixel bomb must be refused, not allocated
@@ -35,7 +36,8 @@ class Nearest:
 @st.composite
 def images(draw) -> tuple[bytes, tuple[int, int]]:
     """A real encoded image: any size from 1x1 (aspect ratios to 1:300), mode, format; sometimes an
-    EXIF rotation, an ICC profile, transparency, or several frames. Returns (bytes, (w, h) as stored)."""
+    EXIF rotation, a camera's EXIF, XMP, IPTC, a resolution, PNG text, an ICC profile, transparency,
+    or several frames. Returns (bytes, (w, h) as stored)."""
     w = draw(st.integers(1, 300))
     h = draw(st.integers(1, 300)) if draw(st.booleans()) else 1
     if draw(st.booleans()):
@@ -85,6 +87,8 @@ def images(draw) -> tuple[bytes, tuple[int, int]]:
         options.update(save_all=True, append_images=[img.copy()])  # animated / multi-page
     buffer = io.BytesIO()
     img.save(buffer, format=fmt, **options)
+    if fmt == "JPEG" and draw(st.booleans()):
+        return with_iptc(buffer.getvalue(), [b"harbour", draw(st.binary(max_size=40))]), (w, h)
     return buffer.getvalue(), (w, h)
 
 
