@@ -46,6 +46,7 @@ _INT = ("size_bytes", "width", "height", "piece_index", "piece_count", "tiles", 
 _FLOAT = ("decode_s", "model_s", "encode_s", "consistency_sse")
 _BINARY = ("pixels", "rt_lr", "rt_ref", "out_pixels", "rt_sr", "data", "crop_before", "crop_after", "payload",
            "carry")  # fmt: skip
+# images.Metadata.as_row() / from_row(): what an output carries over from its input
 META = pa.struct([("icc_profile", pa.binary()), ("exif", pa.binary()), ("xmp", pa.binary()),
                   ("dpi", pa.list_(pa.float64())), ("text", pa.list_(pa.list_(pa.string()))),
                   ("iptc", pa.binary())])  # fmt: skip
