@@ -135,15 +135,15 @@ class Metadata:
     def from_row(cls, row: dict[str, Any] | None) -> Metadata:
         if not row:
             return cls()
-        return cls(row["icc_profile"], row["exif"], row["xmp"], tuple(row["dpi"]) if row["dpi"] else None,
-                   tuple((k, v) for k, v in row["text"] or ()), row["iptc"])  # fmt: skip
+        dpi, text = row["dpi"], row["text"] or ()
+        return cls(**{**row, "dpi": tuple(dpi) if dpi else None, "text": tuple((k, v) for k, v in text)})
 
 
 @dataclass(frozen=True)
 class Decoded:
     pixels: np.ndarray  # HxW, HxWx2, x3 or x4; uint8 or uint16
     format: str  # Pillow format of the source, e.g. "PNG"
-    metadata: Metadata = Metadata()
+    metadata: Metadata
 
 
 def file_too_large(size: int, max_pixels: int | None) -> str | None:
@@ -223,7 +223,12 @@ def _metadata(img: Image.Image) -> Metadata:
     )  # a PNG keyword is 1-79 Latin-1 characters
     icc = info.get("icc_profile")
     return Metadata(
-        icc if isinstance(icc, bytes) and icc else None, _exif_kept(exif), xmp or None, dpi, text, _iptc(img)
+        icc_profile=icc if isinstance(icc, bytes) and icc else None,
+        exif=_exif_kept(exif),
+        xmp=xmp or None,
+        dpi=dpi,
+        text=text,
+        iptc=_iptc(img),
     )
 
 
