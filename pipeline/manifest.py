@@ -24,7 +24,7 @@ SCHEMA = pa.schema(
         ("error", pa.string()),  # readable reason when failed or skipped
         ("output", pa.string()),  # full URI of the output, when ok (or skipped: the existing one)
         ("format", pa.string()),  # input format as Pillow names it, e.g. PNG
-        ("mode", pa.string()),  # input pixel layout after decoding: L, LA, RGB, RGBA, I;16
+        ("mode", pa.string()),  # input pixel layout after decoding: L, LA, RGB, RGBA; I;16, LA;16, RGB;16, RGBA;16
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("out_format", pa.string()),

@@ -1,0 +1,122 @@
+"""16-bit colour (48-bit RGB, 64-bit RGBA, 32-bit grey and alpha), which archive scans are: Pillow
+reads its pixels as 8 bits and writes none, so isosr reads and writes them with libpng (imagecodecs)
+and tifffile. These fail on the code before 16-bit colour was read at 16 bits: every value came
+back a multiple of 257 at best, an 8-bit image at worst."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import imagecodecs
+import numpy as np
+import pytest
+import skimage.data
+import tifffile
+from PIL import Image, ImageCms, ImageOps
+
+from pipeline.images import Metadata, decode, encode
+
+CHANNELS = {"RGB": 3, "RGBA": 4, "LA": 2}
+
+
+def deep(channels: int, h: int = 37, w: int = 53) -> np.ndarray:
+    """A photo crop at 16 bits that uses all of them (low bytes that are not copies of high ones)."""
+    rgb = skimage.data.astronaut()[100 : 100 + h, 150 : 150 + w].astype(np.uint16) * 256
+    noise = np.random.default_rng(channels).integers(0, 256, (h, w, 4), dtype=np.uint16)
+    planes = np.dstack([rgb, np.linspace(0, 65535, h * w).reshape(h, w).astype(np.uint16)]) + noise
+    return np.ascontiguousarray(planes[..., {2: [1, 3], 3: [0, 1, 2], 4: [0, 1, 2, 3]}[channels]])
+
+
+def stored(pixels: np.ndarray, fmt: str, orientation: int, variant: str) -> bytes:
+    """`pixels` as a PNG or TIFF that another program wrote (libpng, tifffile), with EXIF orientation."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    if fmt == "PNG":  # the orientation in an eXIf chunk before the pixels
+        png = imagecodecs.png_encode(pixels)
+        chunk = b"eXIf" + exif.tobytes()[6:]  # without Pillow's "Exif\0\0"
+        exif_chunk = len(chunk[4:]).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big")
+        return png[:33] + exif_chunk + png[33:]  # after the 25-byte IHDR chunk
+    buffer = io.BytesIO()
+    tifffile.imwrite(
+        buffer,
+        pixels,
+        photometric="rgb" if pixels.shape[2] > 2 else "minisblack",
+        extrasamples=("unassalpha",) if pixels.shape[2] in (2, 4) else None,
+        compression="zlib" if variant == "zlib" else None,
+        byteorder=">" if variant == "big-endian" else "<",
+        extratags=[(0x0112, 3, 1, orientation, True)],
+    )
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize(
+    ("fmt", "mode", "variant"),
+    [("PNG", "RGB", ""), ("PNG", "RGBA", ""), ("PNG", "LA", ""), ("TIFF", "RGB", ""), ("TIFF", "RGBA", "zlib"),
+     ("TIFF", "RGB", "big-endian")],
+)  # fmt: skip
+def test_sixteen_bit_colour_is_read_at_sixteen_bits_and_upright(
+    fmt: str, mode: str, variant: str, orientation: int
+) -> None:
+    pixels = deep(CHANNELS[mode])
+    data = stored(pixels, fmt, orientation, variant)
+    out = decode(data).pixels
+    assert out.dtype == np.uint16
+    assert np.count_nonzero(out % 257) > out.size // 2  # the low bytes are there
+    # Upright as Pillow turns the same file, and the same picture: Pillow's 8 bits are our high bytes.
+    with Image.open(io.BytesIO(data)) as img:
+        pillow = np.asarray(ImageOps.exif_transpose(img))
+    if mode == "LA":  # Pillow reads 16-bit grey and alpha as RGBA
+        pillow = pillow[..., [0, 3]]
+    np.testing.assert_array_equal(out >> 8, pillow)
+    assert sorted(out.shape[:2]) == sorted(pixels.shape[:2])
+
+
+def test_sixteen_bit_colour_is_written_at_sixteen_bits_with_its_metadata() -> None:
+    exif = Image.Exif()
+    exif[0x010F] = "Hasselblad"
+    exif[0x010E] = '{"shape": [37, 53, 3]}'  # tifffile's record of an array's shape: not the photo's
+    exif.get_ifd(0x8769)[0x9003] = "1969:07:20 20:17:40"
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    metadata = Metadata(
+        icc_profile=icc,
+        exif=exif.tobytes(),
+        xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>',
+        dpi=(2400.0, 2400.0),
+        text=(("Title", "Lunar module"),),
+        iptc=b"\x1c\x02\x19\x00\x04moon",
+    )
+    for mode, channels in CHANNELS.items():
+        pixels = deep(channels)
+        for fmt in ("PNG", "TIFF"):
+            data = encode(pixels, fmt, metadata=metadata)
+            if (fmt, mode) == ("TIFF", "LA"):  # a TIFF Pillow cannot open: read by tifffile
+                with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                    np.testing.assert_array_equal(tif.pages[0].asarray(), pixels)
+                    assert tif.pages[0].iccprofile == icc and tif.pages[0].tags[700].value == metadata.xmp
+                continue
+            out = decode(data)
+            np.testing.assert_array_equal(out.pixels, pixels, err_msg=f"{mode} {fmt}")  # lossless, all 16 bits
+            with Image.open(io.BytesIO(data)) as img:  # a reader that takes 8 bits sees the same picture
+                eight = np.asarray(img)
+            np.testing.assert_array_equal(eight[..., [0, 3]] if mode == "LA" else eight, pixels >> 8)
+            kept = Image.Exif()
+            kept.load(out.metadata.exif)
+            assert kept[0x010F] == "Hasselblad" and 0x010E not in kept, (mode, fmt)
+            assert kept.get_ifd(0x8769)[0x9003] == "1969:07:20 20:17:40", (mode, fmt)
+            assert out.metadata.icc_profile == icc and out.metadata.xmp == metadata.xmp, (mode, fmt)
+            assert out.metadata.dpi == pytest.approx((2400, 2400), rel=1e-4), (mode, fmt)
+            assert out.metadata.text == (metadata.text if fmt == "PNG" else ()), (mode, fmt)
+            assert out.metadata.iptc == (metadata.iptc if fmt == "TIFF" else None), (mode, fmt)
+        for fmt in ("JPEG", "WEBP", "BMP"):  # 8 bits: the high bytes
+            out = decode(encode(pixels, fmt, metadata=metadata)).pixels
+            assert out.dtype == np.uint8 and out.shape[:2] == pixels.shape[:2], (mode, fmt)
+
+
+def test_a_sixteen_bit_png_larger_than_its_pixels_say_is_refused_by_name() -> None:
+    """A 48-bit PNG whose pixel data stops short: libpng's error, named, not a crash or a black image."""
+    data = imagecodecs.png_encode(deep(3, 200, 200))
+    cut = data[: len(data) // 2] + data[-12:]  # the IEND chunk after half the pixels
+    with pytest.raises(ValueError, match="^scan.png: "):
+        decode(cut, name="scan.png")
