@@ -1,7 +1,7 @@
 """16-bit colour (48-bit RGB, 64-bit RGBA, 32-bit grey and alpha), which archive scans are: Pillow
 reads its pixels as 8 bits and writes none, so isosr reads and writes them with libpng (imagecodecs)
-and tifffile. These fail on the code before 16-bit colour was read at 16 bits: every value came
-back a multiple of 257 at best, an 8-bit image at worst."""
+and tifffile. The first two fail on the code before 16-bit colour was read at 16 bits: every
+value came back a multiple of 257 at best, an 8-bit image at worst."""
 
 from __future__ import annotations
 
