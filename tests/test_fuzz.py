@@ -100,14 +100,14 @@ DEEP = {"RGB;16": 3, "RGBA;16": 4, "LA;16": 2}  # 16-bit colour, which Pillow re
 
 
 def deep_colour(draw, mode: str, w: int, h: int) -> bytes:
-    """A 16-bit colour (or grey and alpha) PNG by libpng or TIFF by tifffile, as other programs
+    """A 16-bit colour (or grey and alpha) PNG by libpng or colour TIFF by tifffile, as other programs
     write them: any compression and byte order, sometimes an orientation, a resolution, a second page."""
     pixels = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).integers(0, 65536, (h, w, DEEP[mode]), np.uint16)
     if mode == "LA;16" or draw(st.booleans()):  # Pillow opens no 16-bit grey-and-alpha TIFF
         return imagecodecs.png_encode(pixels, level=draw(st.integers(1, 9)))
     buffer = io.BytesIO()
     options = {
-        "photometric": "minisblack" if mode == "LA;16" else "rgb",
+        "photometric": "rgb",
         "extrasamples": ("unassalpha",) if mode != "RGB;16" else None,
         "compression": draw(st.sampled_from([None, "zlib", "lzw"])),
         "extratags": [(0x0112, 3, 1, draw(st.integers(1, 8)), True)] if draw(st.booleans()) else [],
