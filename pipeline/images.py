@@ -8,6 +8,8 @@ them (it reads them as 8 bits and writes none), so libpng (imagecodecs) and tiff
 their pixels, and Pillow the rest of the file (_sixteen_bit).
 What describes the photo travels with it (Metadata): the ICC profile, so the output keeps the
 input's colours; EXIF and XMP (camera, dates, GPS, author, copyright); the resolution; PNG text.
+Every page of a multi-page TIFF and every frame of an animated GIF, PNG or WebP is decoded (each
+upright, in its own layout), and encode_frames writes them back as one file, with the frames' timing.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import imagecodecs
 import numpy as np
 import tifffile
-from PIL import Image, ImageOps, IptcImagePlugin, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, IptcImagePlugin, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
 # Suffix -> Pillow format. Output defaults to the input's format (GIF becomes PNG: a palette of
 # 256 colours would undo the upscale).
@@ -45,6 +47,14 @@ DEFAULT_MAX_PIXELS = 200_000_000  # larger inputs are refused unless --max-pixel
 # (TIFF, BMP); and room for what else a file holds (ICC profiles, EXIF, thumbnails, other pages).
 MAX_BYTES_PER_PIXEL, MAX_METADATA_BYTES = 8, 64 * 2**20
 _RGB_MODES = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"}
+# Formats whose files hold several pictures that are all upscaled: a TIFF's pages, an animation's
+# frames. (MPO, JPEG's multi-picture variant, is read as its first picture: its others are previews
+# or a stereo partner that a JPEG output cannot hold.)
+_MULTI_FRAME = ("TIFF", "GIF", "PNG", "WEBP")
+# Each frame costs at least a tile of network work however small it is: a file of 100,000 1x1
+# frames would pass any pixel limit and cost hours. Long animations and books stay well below.
+MAX_FRAMES = 10_000
+_ANIMATED_OUTPUTS = ("PNG", "WEBP")
 
 
 def output_suffix(key: str, fmt: str) -> str:
@@ -104,8 +114,10 @@ class Metadata:
     """What an output carries over from its input: the ICC profile; EXIF, filtered (_EXIF_KEPT) and
     upright (no orientation: the pixels are turned); XMP, without its orientation (Pillow, for one,
     turns an image by XMP's where EXIF has none); IPTC records (captions, keywords, credits: to JPEG
-    and TIFF outputs); the resolution in dots per inch; PNG text chunks (to PNG outputs). Maker
-    notes, thumbnails, comments and Photoshop's other resources are not carried."""
+    and TIFF outputs); the resolution in dots per inch; PNG text chunks (to PNG outputs); an
+    animation's timing: each frame's duration in milliseconds and how often it plays (0: forever,
+    None: the input said nothing, so once). Maker notes, thumbnails, comments and Photoshop's other
+    resources are not carried."""
 
     icc_profile: bytes | None = None
     exif: bytes | None = None
@@ -113,6 +125,8 @@ class Metadata:
     dpi: tuple[float, float] | None = None
     text: tuple[tuple[str, str], ...] = ()
     iptc: bytes | None = None
+    durations: tuple[int, ...] = ()
+    loop: int | None = None
 
     def for_output(self, width: int, height: int, scale: int) -> Metadata:
         """The same, for an output of width x height pixels, `scale` times the input's: the same
@@ -138,21 +152,28 @@ class Metadata:
 
     def as_row(self) -> dict[str, Any]:
         return {"icc_profile": self.icc_profile, "exif": self.exif, "xmp": self.xmp,
-                "dpi": list(self.dpi) if self.dpi else None, "text": [list(kv) for kv in self.text], "iptc": self.iptc}  # fmt: skip
+                "dpi": list(self.dpi) if self.dpi else None, "text": [list(kv) for kv in self.text], "iptc": self.iptc,
+                "durations": list(self.durations), "loop": self.loop}  # fmt: skip
 
     @classmethod
     def from_row(cls, row: dict[str, Any] | None) -> Metadata:
         if not row:
             return cls()
         dpi, text = row["dpi"], row["text"] or ()
-        return cls(**{**row, "dpi": tuple(dpi) if dpi else None, "text": tuple((k, v) for k, v in text)})
+        return cls(**{**row, "dpi": tuple(dpi) if dpi else None, "text": tuple((k, v) for k, v in text),
+                      "durations": tuple(row.get("durations") or ())})  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Decoded:
-    pixels: np.ndarray  # HxW, HxWx2, x3 or x4; uint8 or uint16
+    frames: tuple[np.ndarray, ...]  # each HxW, HxWx2, x3 or x4; uint8 or uint16; one for most images
     format: str  # Pillow format of the source, e.g. "PNG"
-    metadata: Metadata
+    metadata: Metadata  # the first frame's (TIFF pages' own are not kept), with the animation's timing
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The first (for most images the only) frame."""
+        return self.frames[0]
 
 
 def file_too_large(size: int, max_pixels: int | None) -> str | None:
@@ -169,9 +190,9 @@ def file_too_large(size: int, max_pixels: int | None) -> str | None:
 
 
 def decode(data: bytes, *, name: str | None = None, max_pixels: int | None = None) -> Decoded:
-    """Decode image bytes (first frame of animations). Raises DecodeError (its message starting with
-    `name`, when given) for empty, truncated or unknown data, unsupported modes, and images above
-    `max_pixels`."""
+    """Decode image bytes: every page of a TIFF, every frame of an animation. Raises DecodeError (its
+    message starting with `name`, when given) for empty, truncated or unknown data, unsupported
+    modes, and images whose pixels (all frames together) are above `max_pixels`."""
     try:
         return _decode(data, max_pixels)
     except DecodeError as e:
@@ -183,27 +204,89 @@ def _decode(data: bytes, max_pixels: int | None) -> Decoded:
         raise DecodeError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            if max_pixels is not None and img.width * img.height > max_pixels:
-                raise DecodeError(
-                    f"{img.width}x{img.height} = {img.width * img.height} pixels is above the "
-                    f"limit of {max_pixels}; raise --max-pixels if this image is expected"
-                )
             fmt = img.format or "PNG"
+            count = _frame_count(img, max_pixels)
             img.seek(0)
             channels = _sixteen_bit_channels(img)  # before _metadata: a PNG's text is read by decoding it
             metadata = _metadata(img)
-            if channels:
-                orientation = _orientation(img)
-                pixels = _upright(_sixteen_bit_pixels(data, img, channels, orientation), orientation)
-            else:
-                pixels = _to_array(ImageOps.exif_transpose(img))
+            frames = [_frame(data, img, 0, channels)]
+            durations = [_duration(img)]
+            for index in range(1, count):
+                try:
+                    img.seek(index)
+                    frames.append(_frame(data, img, index, _sixteen_bit_channels(img)))
+                except DecodeError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - as below, with the frame named
+                    raise DecodeError(
+                        f"frame {index + 1} of {count} is not readable ({type(e).__name__}: {e})"
+                    ) from None
+                durations.append(_duration(img))
+            if count > 1 and fmt != "TIFF":  # at the last frame, reading a PNG's text decodes nothing more
+                timing = {"durations": tuple(durations), "loop": _loop(img.info.get("loop"))}
+                metadata = replace(metadata, text=_png_text(img), **timing)
     except DecodeError:
         raise
     except UnidentifiedImageError:
         raise DecodeError("not an image in any supported format (PNG, JPEG, WebP, TIFF, BMP, GIF)") from None
     except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types on hostile files
         raise DecodeError(f"not a readable image ({type(e).__name__}: {e})") from None
-    return Decoded(pixels, fmt, metadata)
+    return Decoded(tuple(frames), fmt, metadata)
+
+
+def _frame_count(img: Image.Image, max_pixels: int | None) -> int:
+    """How many frames of `img` are upscaled (TIFF pages, animation frames; 1 for other formats),
+    checked against `max_pixels` from the headers alone (all frames together)."""
+    count = getattr(img, "n_frames", 1) if img.format in _MULTI_FRAME else 1
+    if count > MAX_FRAMES:
+        raise DecodeError(
+            f"{count} pages or frames are more than isosr upscales from one file ({MAX_FRAMES}); split it"
+        )
+    if img.format == "TIFF" and count > 1:  # pages may differ in size: each header is read
+        pixels = 0
+        for index in range(count):
+            img.seek(index)
+            pixels += img.width * img.height
+    else:
+        pixels = count * img.width * img.height
+    if max_pixels is not None and pixels > max_pixels:
+        what = (
+            f"{img.width}x{img.height} = {pixels} pixels is"
+            if count == 1
+            else f"{count} pages of {pixels} pixels together are"
+            if img.format == "TIFF"
+            else f"{count} frames of {img.width}x{img.height} = {pixels} pixels are"
+        )
+        raise DecodeError(f"{what} above the limit of {max_pixels}; raise --max-pixels if this image is expected")
+    return count
+
+
+def _frame(data: bytes, img: Image.Image, index: int, channels: int) -> np.ndarray:
+    """The pixels of `img`'s current frame (number `index`), upright: Pillow's, or where it would
+    reduce them to 8 bits (`channels`: _sixteen_bit_channels), libpng's or tifffile's."""
+    if not channels:
+        return _to_array(ImageOps.exif_transpose(img))
+    if img.format == "PNG" and getattr(img, "is_animated", False):
+        raise DecodeError("an animated PNG with 16-bit colour is not supported (its frames would lose 8 bits)")
+    orientation = _orientation(img)
+    return _upright(_sixteen_bit_pixels(data, img, channels, orientation, page=index), orientation)
+
+
+def _duration(img: Image.Image) -> int:
+    """The current frame's duration in milliseconds, as the file states it (0 when it does not)."""
+    try:
+        return max(0, min(int(img.info.get("duration") or 0), 2**31 - 1))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _loop(value: Any) -> int | None:
+    """How often an animation plays as Pillow reports it (GIF's NETSCAPE count, APNG's plays,
+    WebP's loop count; 0: forever), or None where the file says nothing."""
+    try:
+        return max(0, min(int(value), 65535)) if value is not None else None
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _metadata(img: Image.Image) -> Metadata:
@@ -224,16 +307,8 @@ def _metadata(img: Image.Image) -> Metadata:
     for pattern in _XMP_ORIENTATION if xmp else ():  # the output is upright, whatever the input's XMP said
         xmp = re.sub(pattern, b"", xmp)
     # Text chunks may follow the pixels: PngImageFile.text reads to the end, through every frame of
-    # an animated PNG (of which only the first is upscaled), so an animated PNG's text stays behind.
-    text = img.text if isinstance(img, PngImagePlugin.PngImageFile) and not img.is_animated else {}
-    text = tuple(
-        (k, v)
-        for k, v in text.items()
-        if isinstance(v, str)
-        and 0 < len(k) < 80
-        and max(map(ord, k)) < 256
-        and not k.startswith(("XML:", "Raw profile"))
-    )  # a PNG keyword is 1-79 Latin-1 characters
+    # an animated PNG, whose text _decode reads once it has decoded them all.
+    text = _png_text(img) if not getattr(img, "is_animated", False) else ()
     icc = info.get("icc_profile")
     return Metadata(
         icc_profile=icc if isinstance(icc, bytes) and icc else None,
@@ -242,6 +317,21 @@ def _metadata(img: Image.Image) -> Metadata:
         dpi=dpi,
         text=text,
         iptc=_iptc(img),
+    )
+
+
+def _png_text(img: Image.Image) -> tuple[tuple[str, str], ...]:
+    """A PNG's text chunks that a PNG output can carry (keywords of 1-79 Latin-1 characters; not
+    XMP or raw profiles, which travel on their own), () for other formats."""
+    if not isinstance(img, PngImagePlugin.PngImageFile):
+        return ()
+    return tuple(
+        (k, v)
+        for k, v in img.text.items()
+        if isinstance(v, str)
+        and 0 < len(k) < 80
+        and max(map(ord, k)) < 256
+        and not k.startswith(("XML:", "Raw profile"))
     )
 
 
@@ -322,9 +412,9 @@ def _sixteen_bit_channels(img: Image.Image) -> int:
     return _SIXTEEN_BIT_LAYOUTS.get(rawmode.split(";")[0], 0)
 
 
-def _sixteen_bit_pixels(data: bytes, img: Image.Image, channels: int, orientation: int) -> np.ndarray:
+def _sixteen_bit_pixels(data: bytes, img: Image.Image, channels: int, orientation: int, *, page: int = 0) -> np.ndarray:
     """The stored (not yet upright) 16-bit pixels of `img`, whose bytes are `data`: libpng's for a
-    PNG (the first frame), tifffile's for a TIFF (the first page; RGBX loses its unused fourth)."""
+    PNG, tifffile's for a TIFF (its page `page`; RGBX loses its unused fourth)."""
     h, w = img.height, img.width
     if img.format == "TIFF" and orientation in _SWAPS_AXES:  # Pillow gives a TIFF's size upright
         h, w = w, h
@@ -332,7 +422,7 @@ def _sixteen_bit_pixels(data: bytes, img: Image.Image, channels: int, orientatio
         pixels = imagecodecs.png_decode(data)
     else:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            pixels = tif.pages[0].asarray()
+            pixels = tif.pages[page].asarray()
     pixels = pixels[..., :channels] if pixels.ndim == 3 else pixels
     if pixels.shape != (h, w, channels) or pixels.dtype.kind != "u" or pixels.itemsize != 2:
         raise DecodeError(
@@ -418,6 +508,64 @@ def encode(pixels: np.ndarray, fmt: str, *, metadata: Metadata | None = None, qu
     if fmt == "JPEG" and metadata and metadata.iptc:
         return _with_iptc(data, metadata.iptc)
     return data
+
+
+def encode_frames(frames: list[np.ndarray], fmt: str, *, metadata: Metadata | None = None, quality: int = 95) -> bytes:
+    """Several frames (layouts as `decode` returns) as one file in Pillow format `fmt`: a TIFF of one
+    page each, in its own layout, or an animated PNG (as for GIF inputs) or WebP with `metadata`'s
+    timing, at 8 bits, every frame in the widest layout among them. One frame is `encode`'s. Raises
+    ValueError where `fmt` holds one picture (JPEG, BMP), or where frames of different sizes would
+    have to make an animation."""
+    if len(frames) == 1:
+        return encode(frames[0], fmt, metadata=metadata, quality=quality)
+    fmt = "PNG" if fmt == "GIF" else fmt
+    if fmt == "TIFF":
+        # Pillow's appending writer moves every offset of a page but those inside EXIF's own IFDs
+        # (Exif, GPS): pages after the first carry the rest of the metadata, not EXIF.
+        later = replace(metadata, exif=None) if metadata else None
+        buffer = io.BytesIO()
+        with TiffImagePlugin.AppendingTiffWriter(buffer) as tiff:
+            for i, frame in enumerate(frames):
+                tiff.write(encode(frame, "TIFF", metadata=metadata if i == 0 else later))
+                tiff.newFrame()
+        return buffer.getvalue()
+    if error := frames_unfit([f.shape[:2] for f in frames], fmt):
+        raise ValueError(error)
+    images = _same_layout(frames)
+    metadata = metadata or Metadata()
+    options: dict[str, Any] = {"save_all": True, "append_images": images[1:]}
+    options["loop"] = 1 if metadata.loop is None else metadata.loop  # said nothing: plays once
+    if len(metadata.durations) == len(frames):
+        options["duration"] = list(metadata.durations)
+    if fmt == "PNG":
+        options["compress_level"] = PNG_COMPRESS_LEVEL
+    else:
+        options["quality"] = quality
+    return _save(images[0], fmt, options, metadata)
+
+
+def frames_unfit(sizes: list[tuple[int, ...]], fmt: str) -> str | None:
+    """Why frames of these (height, width) sizes cannot be one file in Pillow format `fmt`, or None."""
+    fmt = "PNG" if fmt == "GIF" else fmt
+    if len(sizes) == 1 or fmt == "TIFF":
+        return None
+    if fmt not in _ANIMATED_OUTPUTS:
+        return f"{fmt} holds one picture and this input has {len(sizes)}: choose --format tiff, png or webp"
+    if len(set(sizes)) > 1:
+        return f"its {len(sizes)} pages differ in size, which an animated {fmt} cannot hold: choose --format tiff"
+    h, w = sizes[0]
+    if max(h, w) > _MAX_SIDE.get(fmt, max(h, w)):
+        return f"{fmt} cannot hold {w}x{h} pixels (at most {_MAX_SIDE[fmt]} per side); choose --format tiff"
+    return None
+
+
+def _same_layout(frames: list[np.ndarray]) -> list[Image.Image]:
+    """Frames as 8-bit Pillow images of one mode, the widest among them (an animation has one)."""
+    eight = [(f // 257).astype(np.uint8) if f.dtype == np.uint16 else f for f in frames]
+    colour = any(f.ndim == 3 and f.shape[2] >= 3 for f in eight)
+    alpha = any(f.ndim == 3 and f.shape[2] in (2, 4) for f in eight)
+    mode = ("RGBA" if alpha else "RGB") if colour else ("LA" if alpha else "L")
+    return [Image.fromarray(f).convert(mode) for f in eight]
 
 
 def _save(img: Image.Image, fmt: str, options: dict[str, Any], metadata: Metadata | None) -> bytes:

@@ -25,7 +25,9 @@ SCHEMA = pa.schema(
         ("output", pa.string()),  # full URI of the output, when ok (or skipped: the existing one)
         ("format", pa.string()),  # input format as Pillow names it, e.g. PNG
         ("mode", pa.string()),  # input pixel layout after decoding: L, LA, RGB, RGBA; I;16, LA;16, RGB;16, RGBA;16
-        ("width", pa.int32()),
+        ("frames", pa.int32()),  # pages of a TIFF or frames of an animation, all upscaled; 1 for most images
+        ("in_pixels", pa.int64()),  # of every frame together (width x height for most images)
+        ("width", pa.int32()),  # of the first frame, as the output sizes
         ("height", pa.int32()),
         ("out_format", pa.string()),
         ("out_width", pa.int32()),

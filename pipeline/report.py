@@ -69,8 +69,10 @@ def summarize(manifest: pa.Table, *, run_id: str, seconds: float, thresholds: Th
     ok = status == OK
     keys = manifest.column("key").to_pylist()
 
-    pixels_in = _floats(manifest, "width") * _floats(manifest, "height")
-    pixels_out = _floats(manifest, "out_width") * _floats(manifest, "out_height")
+    first_in = _floats(manifest, "width") * _floats(manifest, "height")  # of the first frame
+    pixels_in = _floats(manifest, "in_pixels") if "in_pixels" in manifest.column_names else first_in
+    pixels_in = np.where(np.isnan(pixels_in), first_in, pixels_in)  # a manifest from before in_pixels
+    pixels_out = pixels_in * _floats(manifest, "out_width") * _floats(manifest, "out_height") / first_in
     mp_in = float(np.nansum(pixels_in[ok])) / 1e6
     mp_out = float(np.nansum(pixels_out[ok])) / 1e6
 

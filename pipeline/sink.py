@@ -22,7 +22,7 @@ from ray.data import Datasink
 from ray.data.datasource.datasink import WriteResult
 
 from pipeline import quality, shards, storage
-from pipeline.images import Metadata, encode
+from pipeline.images import Metadata, encode_frames
 from pipeline.manifest import COLUMNS, FAILED, OK, table
 from pipeline.report import LOW_CONSISTENCY, Thresholds
 from pipeline.stages import RT_SCORES, unpack
@@ -95,7 +95,8 @@ class _Metrics:
     def record(self, row: dict[str, Any]) -> None:
         self.images.inc(1, tags={"status": row["status"]})
         if row["status"] == OK:
-            self.megapixels.inc(row["out_width"] * row["out_height"] / 1e6)
+            first = row["width"] * row["height"]  # the first frame's; every frame is scaled alike
+            self.megapixels.inc((row.get("in_pixels") or first) * row["out_width"] * row["out_height"] / first / 1e6)
             if row.get("consistency_psnr") is not None and np.isfinite(row["consistency_psnr"]):
                 self.consistency.observe(row["consistency_psnr"])
             if row.get("rt_gain_db") is not None and np.isfinite(row["rt_gain_db"]):
@@ -285,25 +286,26 @@ def assembled_rows(assembler: ray.actor.ActorHandle) -> list[dict[str, Any]]:
 def assemble(
     paths: RunPaths, thresholds: Thresholds, parts: list[dict[str, Any]], assembler: ray.actor.ActorHandle
 ) -> list[dict[str, Any]]:
-    """Stack the bands of one image (each read once into the final array, so the task holds the
-    output and no more), encode, write; return its manifest row. A band that failed fails the image.
-    The row of an image shard is staged for its shard instead (and no row returned: the shard's own
-    assembly returns it)."""
+    """Stack the bands of each frame of one image (each read once into the final array, so the task
+    holds the output and no more), encode, write; return its manifest row. A band that failed fails
+    the image. The row of an image shard is staged for its shard instead (and no row returned: the
+    shard's own assembly returns it)."""
     first = parts[0]
     started = time.perf_counter()
     failed = next((m for m in parts if m["status"] != OK), None)
     try:
         if failed is not None:
             raise ValueError(f"band {failed['piece_index'] + 1} of {len(parts)}: {failed['error']}")
-        out = None
-        row_at = 0
+        frames: list[np.ndarray] = []
         for meta in parts:
             band = unpack(storage.read_bytes(paths.staging(first["key"], int(meta["piece_index"]))))
-            if out is None:
-                out = np.empty((int(first["out_height"]), int(first["out_width"]), *band.shape[2:]), band.dtype)
-            out[row_at : row_at + band.shape[0]] = band
+            if int(meta["frame"] or 0) == len(frames):  # the first band of the next frame
+                shape = (int(meta["out_height"]), int(meta["out_width"]), *band.shape[2:])
+                frames.append(np.empty(shape, band.dtype))
+                row_at = 0
+            frames[-1][row_at : row_at + band.shape[0]] = band
             row_at += band.shape[0]
-        data = encode(out, first["out_format"], metadata=Metadata.from_row(first["meta"]))
+        data = encode_frames(frames, first["out_format"], metadata=Metadata.from_row(first["meta"]))
         if first["shard"] is None:
             storage.write_atomic(first["output"], data)
     except Exception as e:  # noqa: BLE001 - one image's failure is its row, never the run's

@@ -5,7 +5,8 @@ types of SCHEMA, and can be called on a hand-made batch without a cluster.
 Rows are pieces of work. An ordinary image is one piece; an image with more tiles than
 `max_tiles` is cut into bands (model.tiling.split_rows) so that its tiles spread over every model
 actor and no worker holds more than its own output, and so is each image of a run with fewer
-images than CPU actors (`spread`); the sink stages the bands and one task assembles them. A row
+images than CPU actors (`spread`); each page of a multi-page TIFF and each frame of an animation
+is one piece or more; the sink stages the pieces and one task assembles them. A row
 that failed carries status "failed" and its error through every stage.
 
 Columns, by the stage that adds them ("array" = an .npy-encoded ndarray in a binary column,
@@ -13,8 +14,10 @@ loaded with allow_pickle=False):
   listing  source, key, size_bytes, source_version, output, out_format, spot_check; rows of image
            shards (pipeline.shards) also: shard (its key), row_index, payload (the row's image bytes,
            written back unchanged if the row fails), carry (the rest of the row)
-  decode   status, error, format, mode, width, height, meta (the output's images.Metadata),
-           decode_s, piece_index, piece_count, band (6 ints: tile rows, owned output rows, input
+  decode   status, error, format, mode, frames (pages or frames in the file), in_pixels (of them
+           all), width, height (the
+           piece's frame's), meta (the output's images.Metadata), decode_s, frame (the piece's),
+           piece_index, piece_count, band (6 ints: tile rows, owned output rows, input
            rows), pixels (array: the band's input rows), rt_lr / rt_ref (arrays: the round-trip LR
            image and reference, piece 0 of a spot-checked image only)
   model    out_pixels (array: the owned output rows), rt_sr (array), tiles, model_s, model_sha256
@@ -34,14 +37,14 @@ import pyarrow as pa
 
 from model.tiling import Band, Piece, plan_tiles, split_image, upscale_pieces
 from pipeline import quality, storage
-from pipeline.images import DecodeError, Metadata, decode, encode, output_format_of
+from pipeline.images import DecodeError, Metadata, decode, encode, frames_unfit, output_format_of
 from pipeline.manifest import FAILED, OK
 from pipeline.report import crop_pair
 
 Batch = pa.Table
 _STRING = ("source", "key", "source_version", "output", "out_format", "status", "error", "format", "mode",
            "model_sha256", "shard")  # fmt: skip
-_INT = ("size_bytes", "width", "height", "piece_index", "piece_count", "tiles", "tiles_skipped", "consistency_n", "out_width",
+_INT = ("size_bytes", "width", "height", "frames", "in_pixels", "frame", "piece_index", "piece_count", "tiles", "tiles_skipped", "consistency_n", "out_width",
         "out_height", "row_index")  # fmt: skip
 _FLOAT = ("decode_s", "model_s", "encode_s", "consistency_sse")
 _BINARY = ("pixels", "rt_lr", "rt_ref", "out_pixels", "rt_sr", "data", "crop_before", "crop_after", "payload",
@@ -49,7 +52,7 @@ _BINARY = ("pixels", "rt_lr", "rt_ref", "out_pixels", "rt_sr", "data", "crop_bef
 # images.Metadata.as_row() / from_row(): what an output carries over from its input
 META = pa.struct([("icc_profile", pa.binary()), ("exif", pa.binary()), ("xmp", pa.binary()),
                   ("dpi", pa.list_(pa.float64())), ("text", pa.list_(pa.list_(pa.string()))),
-                  ("iptc", pa.binary())])  # fmt: skip
+                  ("iptc", pa.binary()), ("durations", pa.list_(pa.int64())), ("loop", pa.int64())])  # fmt: skip
 RT_SCORES = ("rt_psnr_model", "rt_psnr_bicubic", "rt_psnr_model_y", "rt_psnr_bicubic_y", "rt_gain_db")
 SCHEMA = pa.schema(
     [(c, pa.string()) for c in _STRING]
@@ -94,8 +97,8 @@ def _mode(pixels: np.ndarray) -> str:
 DECODE_COLUMNS = [
     "source", "key", "size_bytes", "source_version", "output", "out_format", "spot_check", "shard", "row_index",
     "payload", "carry",
-    "status", "error", "format", "mode", "width", "height", "meta", "decode_s",
-    "piece_index", "piece_count", "band", "pixels", "rt_lr", "rt_ref",
+    "status", "error", "format", "mode", "frames", "in_pixels", "width", "height", "meta", "decode_s",
+    "frame", "piece_index", "piece_count", "band", "pixels", "rt_lr", "rt_ref",
 ]  # fmt: skip
 
 
@@ -114,8 +117,9 @@ def decode_row(
 ) -> list[dict[str, Any]]:
     """The piece rows of one input: a loose file, read from row["source"], or a shard's row, whose
     bytes are row["payload"] (then row["out_format"] None means the decoded image's own format).
-    An image is cut into pieces of about `max_tiles` tiles, and into `spread` pieces where it is
-    tall enough (model.tiling.split_image), so that that many actors can share it."""
+    Each frame (most images have one) is cut into pieces of about `max_tiles` tiles, and a lone
+    frame into `spread` pieces where it is tall enough (model.tiling.split_image), so that that many
+    actors can share it."""
     started = time.perf_counter()
     try:
         if row.get("shard") is None:
@@ -125,7 +129,15 @@ def decode_row(
         else:
             data = row["payload"]
         image = decode(data, max_pixels=max_pixels)
-        pieces = split_image(image.pixels, tile=tile, scale=scale, halo=halo, max_tiles=max_tiles, pieces=spread)
+        out_format = row["out_format"] or output_format_of(image.format)
+        if error := frames_unfit([f.shape[:2] for f in image.frames], out_format):
+            raise DecodeError(error)
+        spread = spread if len(image.frames) == 1 else 1  # the frames spread already
+        pieces = [
+            (index, piece)
+            for index, frame in enumerate(image.frames)
+            for piece in split_image(frame, tile=tile, scale=scale, halo=halo, max_tiles=max_tiles, pieces=spread)
+        ]
     except Exception as e:  # noqa: BLE001 - whatever one input does, it gets a row and the rest go on
         return [{**row, "status": FAILED, "error": _readable(e), "decode_s": time.perf_counter() - started}]
     rt = quality.round_trip_input(image.pixels, scale=scale) if row["spot_check"] else None
@@ -134,20 +146,23 @@ def decode_row(
         **row,
         "status": OK,
         "format": image.format,
-        "out_format": row["out_format"] or output_format_of(image.format),
+        "out_format": out_format,
         "mode": _mode(image.pixels),
-        "width": w,
-        "height": h,
+        "frames": len(image.frames),
+        "in_pixels": sum(f.shape[0] * f.shape[1] for f in image.frames),
         "meta": image.metadata.for_output(w * scale, h * scale, scale).as_row(),
         "piece_count": len(pieces),
         "decode_s": time.perf_counter() - started,
     }
     out = []
-    for i, piece in enumerate(pieces):
+    for i, (index, piece) in enumerate(pieces):
         b = piece.band
         out.append(
             {
                 **common,
+                "frame": index,
+                "height": image.frames[index].shape[0],
+                "width": image.frames[index].shape[1],
                 "piece_index": i,
                 "band": [*b.tile_rows, *b.out_rows, *b.in_rows],
                 "pixels": pack(piece.pixels),

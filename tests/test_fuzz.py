@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from model.tiling import axis_starts, plan_tiles, upscale_array
-from pipeline.images import DecodeError, decode, encode
+from pipeline.images import DecodeError, decode, encode, encode_frames, frames_unfit
 from tests.iptc import with_iptc
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -137,6 +137,12 @@ def decodes_or_refuses(data: bytes):
             assert tifffile.imread(io.BytesIO(written)).shape == p.shape
         else:
             assert decode(written).pixels.shape[:2] == p.shape[:2], fmt
+    if len(out.frames) > 1:  # every page or frame, in one file of each format that holds several
+        for fmt in ("TIFF", "PNG", "WEBP"):
+            if frames_unfit([f.shape[:2] for f in out.frames], fmt) is None:
+                frames = decode(encode_frames(list(out.frames), fmt, metadata=metadata)).frames
+                # Pillow's animation writers merge a frame identical to the one before into it
+                assert len(frames) == len(out.frames) if fmt == "TIFF" else 1 <= len(frames) <= len(out.frames), fmt
     return p
 
 

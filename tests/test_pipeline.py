@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import skimage.data
-from PIL import Image, ImageOps
+import tifffile
+from PIL import Image, ImageOps, ImageSequence
 
 from pipeline.cli import EXIT_OK, EXIT_SOME_FAILED, main
 from pipeline.run import RunOptions, RunResult, run
@@ -658,6 +659,112 @@ def test_at_least_one_image_is_spot_checked_at_rate_zero(tall: TallRuns) -> None
     assert split["key"] == whole["key"] == "tall.png"
     for score in RT_SCORES:
         assert split[score] == pytest.approx(whole[score], abs=1e-9), score
+
+
+# ----------------------------------------------------------------------------- 5b. pages and frames
+
+
+@dataclass
+class FrameRuns:
+    store: Store
+    pages: list[np.ndarray]  # the TIFF's pages, upright
+    frames: list[np.ndarray]  # the GIF's frames as Pillow composes them
+    split: RunResult
+    whole: RunResult
+    jpeg: RunResult
+    shard: RunResult
+
+
+@pytest.fixture(scope="module")
+def frame_runs(ray_local: None, tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str) -> FrameRuns:
+    """A 2-page TIFF (a colour page of 9 x 2 tiles, a grey page stored on its side) and a 3-frame GIF,
+    upscaled with the colour page cut into bands (max_tiles=2) and whole; then asked for as JPEG; then
+    as rows of a Parquet shard."""
+    store = local_store(tmp_path_factory, "frames")
+    colour, grey = photo("astronaut", 480, 96, 0, 200), photo("camera", 60, 40, 100, 100)
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as tif:
+        tif.write(colour, photometric="rgb")
+        tif.write(grey, photometric="minisblack", extratags=[(0x0112, 3, 1, 6, True)])  # 6: turn clockwise
+    store.put("src/book.tif", buffer.getvalue())
+    gif = [Image.fromarray(photo("coffee", 48, 64, y, y)).quantize(dither=Image.Dither.NONE) for y in (0, 100, 200)]
+    store.put(
+        "src/clip.gif", encoded(gif[0], "GIF", save_all=True, append_images=gif[1:], duration=[40, 80, 120], loop=0)
+    )
+    with Image.open(io.BytesIO(store.get("src/clip.gif"))) as img:
+        frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(img)]
+    common = {"checkpoint": tiny_checkpoint, "gpus_per_worker": 1, "spot_check_rate": 0.0}
+    results = {
+        name: run(
+            RunOptions(src=store.uri("src"), dst=store.uri(name), max_tiles=max_tiles, output_format=fmt, **common)
+        )
+        for name, max_tiles, fmt in (("split", 2, None), ("whole", 1024, None), ("jpeg", 1024, "JPEG"))
+    }
+    rows = pa.table({"id": ["book", "clip"], "image": [store.get("src/book.tif"), store.get("src/clip.gif")]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(rows, sink)
+    store.put("shards/part-0.parquet", sink.getvalue().to_pybytes())
+    results["shard"] = run(RunOptions(src=store.uri("shards"), dst=store.uri("shard-out"), key_column="id", **common))
+    return FrameRuns(store, [colour, np.rot90(grey, -1)], frames, **results)
+
+
+def test_every_page_and_frame_is_upscaled_and_kept_in_one_file(frame_runs: FrameRuns) -> None:
+    """Before, the manifest said ok and the output held the first page or frame alone."""
+    from model.metrics import bicubic_downscale_array
+
+    root = frame_runs.store.root
+    for name in ("split", "whole"):
+        rows = {r["key"]: r for r in getattr(frame_runs, name).manifest.to_pylist()}
+        assert {k: (r["status"], r["frames"]) for k, r in rows.items()} == {
+            "book.tif": ("ok", 2),
+            "clip.gif": ("ok", 3),
+        }
+        assert (rows["book.tif"]["out_width"], rows["book.tif"]["out_height"]) == (384, 1920)  # the first page's
+        with Image.open(root / name / "book.tif") as book:
+            pages = [np.asarray(p.copy()) for p in ImageSequence.Iterator(book)]
+        with Image.open(root / name / "clip.png") as clip:
+            assert clip.format == "PNG" and clip.n_frames == 3 and clip.info["loop"] == 0
+            durations = [f.info["duration"] for f in ImageSequence.Iterator(clip)]
+            frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(clip)]
+        assert durations == [40, 80, 120]
+        assert [p.shape for p in pages] == [(1920, 384, 3), (160, 240)]  # the grey page upright, still grey
+        # Each output is its own input upscaled, in order: its downscale is within 4 % (RMS) of it,
+        # where any other page or frame is over 15 % off.
+        for outputs, inputs in ((pages, frame_runs.pages), (frames, frame_runs.frames)):
+            for i, out in enumerate(outputs):
+                error = bicubic_downscale_array(out).astype(float) - inputs[i]
+                assert np.sqrt(np.mean(error**2)) < 0.04 * 255, (name, i)
+    # Bands stack exactly, frame by frame: cutting changes nothing.
+    for output in ("book.tif", "clip.png"):
+        with Image.open(root / "split" / output) as a, Image.open(root / "whole" / output) as b:
+            for i, (x, y) in enumerate(zip(ImageSequence.Iterator(a), ImageSequence.Iterator(b), strict=True)):
+                assert np.array_equal(np.asarray(x.convert("RGB")), np.asarray(y.convert("RGB"))), (output, i)
+    split_rows = {r["key"]: r for r in frame_runs.split.manifest.to_pylist()}
+    whole_rows = {r["key"]: r for r in frame_runs.whole.manifest.to_pylist()}
+    assert split_rows["book.tif"]["tiles"] > whole_rows["book.tif"]["tiles"] >= 9 * 2 + 1, "not cut into bands"
+    assert whole_rows["clip.gif"]["tiles"] == 3  # one tile a frame
+    assert [whole_rows[k]["in_pixels"] for k in ("book.tif", "clip.gif")] == [480 * 96 + 60 * 40, 3 * 48 * 64]
+    summary = frame_runs.whole.summary  # the run's megapixels count every frame
+    assert (summary["megapixels_in"], summary["megapixels_out"]) == pytest.approx((0.057696, 16 * 0.057696))
+    run_dir = root / "split" / RUNS / frame_runs.split.run_id
+    assert [p for p in (run_dir / "staging").rglob("*") if p.is_file()] == []
+
+
+def test_a_format_of_one_picture_fails_the_file_saying_what_to_choose(frame_runs: FrameRuns) -> None:
+    rows = {r["key"]: r for r in frame_runs.jpeg.manifest.to_pylist()}
+    assert {k: r["status"] for k, r in rows.items()} == {"book.tif": "failed", "clip.gif": "failed"}
+    assert rows["book.tif"]["error"] == "JPEG holds one picture and this input has 2: choose --format tiff, png or webp"
+    assert [r["tiles"] for r in rows.values()] == [0, 0]  # refused on decoding, before any model work
+    assert not [p for p in (frame_runs.store.root / "jpeg").iterdir() if p.name != "_isosr"]
+
+
+def test_pages_and_frames_in_a_shard_come_back_in_its_row(frame_runs: FrameRuns) -> None:
+    [shard] = [p for p in (frame_runs.store.root / "shard-out").glob("*.parquet")]
+    out = pq.read_table(shard).to_pylist()
+    assert [r["isosr_status"] for r in out] == ["ok", "ok"]
+    with Image.open(io.BytesIO(out[0]["image"])) as book, Image.open(io.BytesIO(out[1]["image"])) as clip:
+        assert (book.format, book.n_frames, clip.format, clip.n_frames) == ("TIFF", 2, "PNG", 3)
+    assert [r["frames"] for r in frame_runs.shard.manifest.to_pylist()] == [2, 3]
 
 
 # ----------------------------------------------------------------------------- 6. the plan streams
