@@ -15,11 +15,10 @@ loaded with allow_pickle=False):
            shards (pipeline.shards) also: shard (its key), row_index, payload (the row's image bytes,
            written back unchanged if the row fails), carry (the rest of the row)
   decode   status, error, format, mode, frames (pages or frames in the file), in_pixels (of them
-           all), width, height (the
-           piece's frame's), meta (the output's images.Metadata), decode_s, frame (the piece's),
-           piece_index, piece_count, band (6 ints: tile rows, owned output rows, input
-           rows), pixels (array: the band's input rows), rt_lr / rt_ref (arrays: the round-trip LR
-           image and reference, piece 0 of a spot-checked image only)
+           all), width and height (of the piece's frame), meta (the output's images.Metadata),
+           decode_s, frame (the piece's), piece_index, piece_count, band (6 ints: tile rows, owned
+           output rows, input rows), pixels (array: the band's input rows), rt_lr / rt_ref
+           (arrays: the round-trip LR image and reference, piece 0 of a spot-checked image only)
   model    out_pixels (array: the owned output rows), rt_sr (array), tiles, model_s, model_sha256
   finish   data (the encoded image, or the band's rows as an array), out_width,
            out_height, consistency_sse, consistency_n, rt_* scores, crop_before, crop_after,
@@ -44,8 +43,8 @@ from pipeline.report import crop_pair
 Batch = pa.Table
 _STRING = ("source", "key", "source_version", "output", "out_format", "status", "error", "format", "mode",
            "model_sha256", "shard")  # fmt: skip
-_INT = ("size_bytes", "width", "height", "frames", "in_pixels", "frame", "piece_index", "piece_count", "tiles", "tiles_skipped", "consistency_n", "out_width",
-        "out_height", "row_index")  # fmt: skip
+_INT = ("size_bytes", "width", "height", "frames", "in_pixels", "frame", "piece_index", "piece_count", "tiles",
+        "tiles_skipped", "consistency_n", "out_width", "out_height", "row_index")  # fmt: skip
 _FLOAT = ("decode_s", "model_s", "encode_s", "consistency_sse")
 _BINARY = ("pixels", "rt_lr", "rt_ref", "out_pixels", "rt_sr", "data", "crop_before", "crop_after", "payload",
            "carry")  # fmt: skip
