@@ -483,11 +483,8 @@ def encode(pixels: np.ndarray, fmt: str, *, metadata: Metadata | None = None, qu
     which 16-bit is reduced; JPEG and BMP hold no alpha, which is composited onto white. Raises
     ValueError for an image larger than the format can hold."""
     fmt = "PNG" if fmt == "GIF" else fmt
-    h, w = pixels.shape[:2]
-    if max(h, w) > _MAX_SIDE.get(fmt, max(h, w)):
-        raise ValueError(
-            f"{fmt} cannot hold {w}x{h} pixels (at most {_MAX_SIDE[fmt]} per side); choose --format png or tiff"
-        )
+    if error := _too_large(pixels.shape[:2], fmt):
+        raise ValueError(error)
     if pixels.dtype == np.uint16 and fmt in ("JPEG", "WEBP", "BMP"):
         pixels = (pixels // 257).astype(np.uint8)
     if pixels.dtype == np.uint16 and pixels.ndim == 3:
@@ -553,10 +550,15 @@ def frames_unfit(sizes: list[tuple[int, ...]], fmt: str) -> str | None:
         return f"{fmt} holds one picture and this input has {len(sizes)}: choose --format tiff, png or webp"
     if len(set(sizes)) > 1:
         return f"its {len(sizes)} pages differ in size, which an animated {fmt} cannot hold: choose --format tiff"
-    h, w = sizes[0]
-    if max(h, w) > _MAX_SIDE.get(fmt, max(h, w)):
-        return f"{fmt} cannot hold {w}x{h} pixels (at most {_MAX_SIDE[fmt]} per side); choose --format tiff"
-    return None
+    return _too_large(sizes[0], fmt)
+
+
+def _too_large(size: tuple[int, ...], fmt: str) -> str | None:
+    """Why `fmt` cannot hold an image of `size` (height, width) pixels (its side limit), or None."""
+    h, w = size
+    if max(h, w) <= _MAX_SIDE.get(fmt, max(h, w)):
+        return None
+    return f"{fmt} cannot hold {w}x{h} pixels (at most {_MAX_SIDE[fmt]} per side); choose --format png or tiff"
 
 
 def _same_layout(frames: list[np.ndarray]) -> list[Image.Image]:
