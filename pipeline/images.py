@@ -5,7 +5,8 @@ Decoding applies the EXIF orientation and maps every Pillow mode to one of the t
   1 -> L; P -> RGBA if it has transparency, else RGB; PA -> RGBA; CMYK, YCbCr, LAB, HSV -> RGB.
 16-bit colour and 16-bit grey with alpha (PNG, TIFF) -> HxWx2, x3 or x4 uint16: Pillow has no mode for
 them (it reads them as 8 bits and writes none), so libpng (imagecodecs) and tifffile read and write
-their pixels, and Pillow the rest of the file (_sixteen_bit).
+their pixels, and Pillow the rest of the file (_sixteen_bit). tifffile reads every 9- to 16-bit grey
+or RGB TIFF page (_tiff_pixels), whatever its layout; Pillow the other pages, and the metadata.
 What describes the photo travels with it (Metadata): the ICC profile, so the output keeps the
 input's colours; EXIF and XMP (camera, dates, GPS, author, copyright); the resolution; PNG text.
 Every page of a multi-page TIFF and every frame of an animated GIF, PNG or WebP is decoded (each
@@ -14,10 +15,12 @@ upright, in its own layout), and encode_frames writes them back as one file, wit
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -55,6 +58,8 @@ _MULTI_FRAME = ("TIFF", "GIF", "PNG", "WEBP")
 # frames would pass any pixel limit and cost hours. Long animations and books stay well below.
 MAX_FRAMES = 10_000
 _ANIMATED_OUTPUTS = ("PNG", "WEBP")
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
+_TIFF_SIXTEEN_BIT = (tifffile.PHOTOMETRIC.MINISWHITE, tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB)
 
 
 def output_suffix(key: str, fmt: str) -> str:
@@ -203,73 +208,181 @@ def _decode(data: bytes, max_pixels: int | None) -> Decoded:
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format or "PNG"
-            count = _frame_count(img, max_pixels)
-            img.seek(0)
-            channels = _sixteen_bit_channels(img)  # before _metadata: a PNG's text is read by decoding it
-            metadata = _metadata(img)
-            frames = [_frame(data, img, 0, channels)]
-            durations = [_duration(img)]
-            for index in range(1, count):
-                try:
-                    img.seek(index)
-                    frames.append(_frame(data, img, index, _sixteen_bit_channels(img)))
-                except DecodeError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - as below, with the frame named
-                    raise DecodeError(
-                        f"frame {index + 1} of {count} is not readable ({type(e).__name__}: {e})"
-                    ) from None
-                durations.append(_duration(img))
-            if count > 1 and fmt != "TIFF":  # at the last frame, reading a PNG's text decodes nothing more
-                timing = {"durations": tuple(durations), "loop": _loop(img.info.get("loop"))}
-                metadata = replace(metadata, text=_png_text(img), **timing)
+        if tif := _tiff_file(data):
+            with tif:
+                return _decode_tiff(data, tif, max_pixels)
+        return _decode_pillow(data, max_pixels)
     except DecodeError:
         raise
     except UnidentifiedImageError:
         raise DecodeError("not an image in any supported format (PNG, JPEG, WebP, TIFF, BMP, GIF)") from None
     except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types on hostile files
         raise DecodeError(f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _tiff_file(data: bytes) -> tifffile.TiffFile | None:
+    """tifffile's reading of a TIFF, or None where `data` is no TIFF or one tifffile cannot parse
+    (Pillow then reads it, or says why it cannot)."""
+    if data[:4] not in _TIFF_MAGIC:
+        return None
+    try:
+        return tifffile.TiffFile(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - tifffile raises many types on hostile files
+        return None
+
+
+def _decode_pillow(data: bytes, max_pixels: int | None) -> Decoded:
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = img.format or "PNG"
+        count = _checked_count(getattr(img, "n_frames", 1) if fmt in _MULTI_FRAME else 1)
+        sizes = [img.size] * count if fmt != "TIFF" else [(img.seek(i), img.size)[1] for i in range(count)]
+        _check_pixels(fmt, sizes, max_pixels)
+        img.seek(0)
+        channels = _sixteen_bit_channels(img)  # before _metadata: a PNG's text is read by decoding it
+        metadata = _metadata(img)
+        frames = [_frame(data, img, channels)]
+        durations = [_duration(img)]
+        for index in range(1, count):
+            with _frame_named(index, count):
+                img.seek(index)
+                frames.append(_frame(data, img, _sixteen_bit_channels(img)))
+            durations.append(_duration(img))
+        if count > 1 and fmt != "TIFF":  # at the last frame, reading a PNG's text decodes nothing more
+            timing = {"durations": tuple(durations), "loop": _loop(img.info.get("loop"))}
+            metadata = replace(metadata, text=_png_text(img), **timing)
     return Decoded(tuple(frames), fmt, metadata)
 
 
-def _frame_count(img: Image.Image, max_pixels: int | None) -> int:
-    """How many frames of `img` are upscaled (TIFF pages, animation frames; 1 for other formats),
-    checked against `max_pixels` from the headers alone (all frames together)."""
-    count = getattr(img, "n_frames", 1) if img.format in _MULTI_FRAME else 1
+def _decode_tiff(data: bytes, tif: tifffile.TiffFile, max_pixels: int | None) -> Decoded:
+    """A TIFF's pages, but for reduced-resolution copies and transparency masks of another page
+    (thumbnails, pyramid levels): 16-bit ones by tifffile (_tiff_pixels), others by Pillow, which
+    also reads the metadata; where Pillow has no mode for the file at all (16-bit grey and alpha,
+    floating point), tifffile alone."""
+    _checked_count(len(tif.pages))
+    pages = [(i, p) for i, p in enumerate(tif.pages) if not (p.is_reduced or p.is_mask)]
+    pages = pages or [(0, tif.pages.first)]
+    _check_pixels("TIFF", [(p.imagewidth, p.imagelength) for _, p in pages], max_pixels)
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # no Pillow mode for the layout: tifffile reads it, or says why not
+        img = None
+    with img or contextlib.nullcontext():
+        metadata = _metadata(img) if img else _tiff_metadata(data)
+        frames = []
+        for number, (index, page) in enumerate(pages):
+            with _frame_named(number, len(pages)):
+                frames.append(_tiff_page(img, index, page))
+    return Decoded(tuple(frames), "TIFF", metadata)
+
+
+def _tiff_page(img: Image.Image | None, index: int, page: tifffile.TiffPage) -> np.ndarray:
+    """The pixels of TIFF page `page` (number `index`), upright: tifffile's where they are 16-bit
+    grey or colour, which Pillow would read at 8 bits or not at all; else Pillow's."""
+    dtype = page.dtype
+    if dtype is not None and dtype.kind in "fic":
+        what = {"f": "floating-point", "i": "signed integer", "c": "complex"}[dtype.kind]
+        raise DecodeError(
+            f"{page.bitspersample}-bit {what} pixels are not supported (isosr reads 8- and 16-bit unsigned ones): "
+            "convert the file to 8- or 16-bit unsigned integers first"
+        )
+    if img is not None:
+        try:
+            img.seek(index)
+        except Exception:  # noqa: BLE001 - a page Pillow has no mode for: tifffile's alone
+            img = None
+    if dtype == np.uint16 and page.photometric in _TIFF_SIXTEEN_BIT:
+        orientation = _orientation(img) if img else page.tags.valueof(0x0112, 1)
+        return _upright(_tiff_pixels(page), orientation)
+    if img is None:
+        raise DecodeError(f"a TIFF page of a layout isosr does not read ({_tiff_layout(page)})")
+    return _to_array(ImageOps.exif_transpose(img))
+
+
+def _tiff_layout(page: tifffile.TiffPage) -> str:
+    photometric = getattr(page.photometric, "name", page.photometric)
+    return f"{page.samplesperpixel} samples of {page.bitspersample} bits a pixel, photometric {photometric}"
+
+
+def _tiff_pixels(page: tifffile.TiffPage) -> np.ndarray:
+    """A TIFF page's stored (not yet upright) 9- to 16-bit grey or RGB pixels, as HxW or HxWxC
+    uint16: alpha kept (unpremultiplied if it was premultiplied), other extra samples dropped, as
+    Pillow drops RGBX's fourth; white-is-zero grey inverted; 12-bit values spread over 16 bits."""
+    pixels = page.asarray()
+    if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1:
+        pixels = np.moveaxis(pixels, 0, -1)
+    colour = 3 if page.photometric == tifffile.PHOTOMETRIC.RGB else 1
+    extra = tuple(page.extrasamples)
+    alpha = bool(extra) and extra[0] in (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
+    channels = colour + alpha
+    if page.samplesperpixel != colour + len(extra):  # channels of no stated meaning: not a photo's
+        raise DecodeError(f"a TIFF page of a layout isosr does not read ({_tiff_layout(page)})")
+    h, w = page.imagelength, page.imagewidth
+    pixels = pixels.reshape(h, w, -1) if pixels.size == h * w * page.samplesperpixel else pixels
+    if pixels.shape[:2] != (h, w) or pixels.ndim != 3 or pixels.shape[2] < channels:
+        raise DecodeError(f"16-bit pixels decoded as {pixels.shape}, where the header says {(h, w, channels)}")
+    pixels = pixels[..., :channels]
+    if (bits := page.bitspersample) < 16:
+        pixels = (pixels << (16 - bits)) | (pixels >> (2 * bits - 16))  # 0..2^bits-1 -> 0..65535
+    if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        pixels[..., 0] = 65535 - pixels[..., 0]
+    if alpha and extra[0] == tifffile.EXTRASAMPLE.ASSOCALPHA:
+        a = pixels[..., colour].astype(np.uint32)
+        for c in range(colour):
+            straight = (pixels[..., c] * np.uint32(65535) + a // 2) // np.maximum(a, 1)
+            pixels[..., c] = np.minimum(straight, 65535)
+    return pixels if channels > 1 else pixels[..., 0]
+
+
+@contextlib.contextmanager
+def _frame_named(number: int, count: int) -> Iterator[None]:
+    """Errors decoding frame `number` (from 0) of `count` name it, in a file of several."""
+    try:
+        yield
+    except Exception as e:
+        if count == 1:
+            raise
+        if isinstance(e, DecodeError):
+            raise DecodeError(f"frame {number + 1} of {count}: {e}") from None
+        raise DecodeError(f"frame {number + 1} of {count} is not readable ({type(e).__name__}: {e})") from None
+
+
+def _checked_count(count: int) -> int:
+    """`count` frames, refused above MAX_FRAMES before any of them is read."""
     if count > MAX_FRAMES:
         raise DecodeError(
             f"{count} pages or frames are more than isosr upscales from one file ({MAX_FRAMES}); split it"
         )
-    if img.format == "TIFF" and count > 1:  # pages may differ in size: each header is read
-        pixels = 0
-        for index in range(count):
-            img.seek(index)
-            pixels += img.width * img.height
-    else:
-        pixels = count * img.width * img.height
-    if max_pixels is not None and pixels > max_pixels:
-        what = (
-            f"{img.width}x{img.height} = {pixels} pixels is"
-            if count == 1
-            else f"{count} pages of {pixels} pixels together are"
-            if img.format == "TIFF"
-            else f"{count} frames of {img.width}x{img.height} = {pixels} pixels are"
-        )
-        raise DecodeError(f"{what} above the limit of {max_pixels}; raise --max-pixels if this image is expected")
     return count
 
 
-def _frame(data: bytes, img: Image.Image, index: int, channels: int) -> np.ndarray:
-    """The pixels of `img`'s current frame (number `index`), upright: Pillow's, or where it would
-    reduce them to 8 bits (`channels`: _sixteen_bit_channels), libpng's or tifffile's."""
+def _check_pixels(fmt: str, sizes: list[tuple[int, int]], max_pixels: int | None) -> None:
+    """Refuse frames of (width, height) `sizes` that together have more than `max_pixels` pixels:
+    from the headers alone, before any pixel is read."""
+    count = len(sizes)
+    pixels = sum(w * h for w, h in sizes)
+    if max_pixels is not None and pixels > max_pixels:
+        (w, h) = sizes[0]
+        what = (
+            f"{w}x{h} = {pixels} pixels is"
+            if count == 1
+            else f"{count} pages of {pixels} pixels together are"
+            if fmt == "TIFF"
+            else f"{count} frames of {w}x{h} = {pixels} pixels are"
+        )
+        raise DecodeError(f"{what} above the limit of {max_pixels}; raise --max-pixels if this image is expected")
+
+
+def _frame(data: bytes, img: Image.Image, channels: int) -> np.ndarray:
+    """The pixels of `img`'s current frame, upright: Pillow's, or where it would reduce them to 8
+    bits (`channels`: _sixteen_bit_channels), libpng's."""
     if not channels:
         return _to_array(ImageOps.exif_transpose(img))
-    if img.format == "PNG" and getattr(img, "is_animated", False):
+    if img.format != "PNG":  # a TIFF tifffile could not parse (_decode)
+        raise DecodeError("16-bit colour in a TIFF that tifffile cannot read; Pillow would keep only 8 bits")
+    if getattr(img, "is_animated", False):
         raise DecodeError("an animated PNG with 16-bit colour is not supported (its frames would lose 8 bits)")
     orientation = _orientation(img)
-    return _upright(_sixteen_bit_pixels(data, img, channels, orientation, page=index), orientation)
+    return _upright(_sixteen_bit_pixels(data, img, channels), orientation)
 
 
 def _duration(img: Image.Image) -> int:
@@ -295,28 +408,55 @@ def _metadata(img: Image.Image) -> Metadata:
     info = img.info
     try:
         exif = img.getexif()
-        orientation = int(exif.get(0x0112, 1))
     except Exception:  # noqa: BLE001 - whatever a broken EXIF block raises, the pixels are what count
-        exif, orientation = Image.Exif(), 1
-    # A JPEG whose JFIF unit is 0 states only an aspect ratio, which Pillow reports as "dpi".
-    dpi = (_dpi(info.get("dpi")) if info.get("jfif_unit") != 0 else None) or _dpi(_exif_dpi(exif))
+        exif = Image.Exif()
+    # Text chunks may follow the pixels: PngImageFile.text reads to the end, through every frame of
+    # an animated PNG, whose text _decode reads once it has decoded them all.
+    return _described(
+        exif,
+        icc=info.get("icc_profile"),
+        xmp=info.get("xmp", info.get("XML:com.adobe.xmp")),
+        # A JPEG whose JFIF unit is 0 states only an aspect ratio, which Pillow reports as "dpi".
+        dpi=_dpi(info.get("dpi")) if info.get("jfif_unit") != 0 else None,
+        text=_png_text(img) if not getattr(img, "is_animated", False) else (),
+        iptc=_iptc(img),
+    )
+
+
+def _tiff_metadata(data: bytes) -> Metadata:
+    """The metadata of a TIFF Pillow cannot open, from its first page's tags: Pillow's EXIF reader
+    takes a TIFF file as it takes EXIF (which is a TIFF structure)."""
+    try:
+        tags = Image.Exif()
+        tags.load(data)
+        iptc = tags.get(_TIFF_IPTC)
+        return _described(tags, icc=tags.get(34675), xmp=tags.get(700), iptc=iptc if isinstance(iptc, bytes) else None)
+    except Exception:  # noqa: BLE001 - tags that cannot be read are left out, the image is not
+        return Metadata()
+
+
+def _described(
+    exif: Image.Exif, *, icc: Any, xmp: Any, dpi: tuple[float, float] | None = None, text: tuple = (), iptc: Any = None
+) -> Metadata:
+    """Metadata from an image's EXIF (or TIFF tags), ICC profile, XMP, resolution (else EXIF's),
+    text and IPTC records, as stored: its resolution and XMP made upright."""
+    try:
+        orientation = int(exif.get(0x0112, 1))
+    except (TypeError, ValueError):
+        orientation = 1
+    dpi = dpi or _dpi(_exif_dpi(exif))
     if dpi and orientation in _SWAPS_AXES:
         dpi = dpi[::-1]
-    xmp = info.get("xmp", info.get("XML:com.adobe.xmp"))
     xmp = xmp.encode() if isinstance(xmp, str) else xmp if isinstance(xmp, bytes) else None
     for pattern in _XMP_ORIENTATION if xmp else ():  # the output is upright, whatever the input's XMP said
         xmp = re.sub(pattern, b"", xmp)
-    # Text chunks may follow the pixels: PngImageFile.text reads to the end, through every frame of
-    # an animated PNG, whose text _decode reads once it has decoded them all.
-    text = _png_text(img) if not getattr(img, "is_animated", False) else ()
-    icc = info.get("icc_profile")
     return Metadata(
         icc_profile=icc if isinstance(icc, bytes) and icc else None,
         exif=_exif_kept(exif),
         xmp=xmp or None,
         dpi=dpi,
         text=text,
-        iptc=_iptc(img),
+        iptc=iptc,
     )
 
 
@@ -398,31 +538,25 @@ def _exif_kept(source: Image.Exif) -> bytes | None:
         return None
 
 
-_SIXTEEN_BIT_LAYOUTS = {"RGB": 3, "RGBA": 4, "RGBX": 3, "LA": 2}  # Pillow's raw mode -> channels kept
+_SIXTEEN_BIT_LAYOUTS = {"RGB": 3, "RGBA": 4, "LA": 2}  # Pillow's raw mode -> channels kept
 
 
 def _sixteen_bit_channels(img: Image.Image) -> int:
-    """The channels of a 16-bit RGB, RGBA or grey-and-alpha PNG or TIFF, whose pixels Pillow would
-    reduce to 8 bits, else 0 (premultiplied alpha and CMYK excepted: Pillow converts those). Read
-    from the tile Pillow is about to decode (its raw mode, e.g. "RGB;16B"), so before any loading."""
-    args = img.tile[0].args if len(img.tile) == 1 and img.format in ("PNG", "TIFF") else None
+    """The channels of a 16-bit RGB, RGBA or grey-and-alpha PNG, whose pixels Pillow would reduce
+    to 8 bits, else 0. Read from the tile Pillow is about to decode (its raw mode, e.g. "RGB;16B"),
+    so before any loading. (For a TIFF Pillow reads, which is one tifffile cannot parse: 1 where its
+    colour is 16-bit, premultiplied and CMYK included, which Pillow would read at 8 bits.)"""
+    args = img.tile[0].args if img.tile and img.format in ("PNG", "TIFF") else None
     rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
-    if not isinstance(rawmode, str) or ";16" not in rawmode:
+    if not isinstance(rawmode, str) or ";16" not in rawmode or img.mode.startswith("I"):
         return 0
-    return _SIXTEEN_BIT_LAYOUTS.get(rawmode.split(";")[0], 0)
+    return _SIXTEEN_BIT_LAYOUTS.get(rawmode.split(";")[0], 0) if img.format == "PNG" else 1
 
 
-def _sixteen_bit_pixels(data: bytes, img: Image.Image, channels: int, orientation: int, *, page: int = 0) -> np.ndarray:
-    """The stored (not yet upright) 16-bit pixels of `img`, whose bytes are `data`: libpng's for a
-    PNG, tifffile's for a TIFF (its page `page`; RGBX loses its unused fourth)."""
+def _sixteen_bit_pixels(data: bytes, img: Image.Image, channels: int) -> np.ndarray:
+    """The stored (not yet upright) 16-bit pixels of the PNG `img`, whose bytes are `data`, by libpng."""
     h, w = img.height, img.width
-    if img.format == "TIFF" and orientation in _SWAPS_AXES:  # Pillow gives a TIFF's size upright
-        h, w = w, h
-    if img.format == "PNG":
-        pixels = imagecodecs.png_decode(data)
-    else:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            pixels = tif.pages[page].asarray()
+    pixels = imagecodecs.png_decode(data)
     pixels = pixels[..., :channels] if pixels.ndim == 3 else pixels
     if pixels.shape != (h, w, channels) or pixels.dtype.kind != "u" or pixels.itemsize != 2:
         raise DecodeError(
