@@ -8,7 +8,8 @@ them (it reads them as 8 bits and writes none), so libpng (imagecodecs) and tiff
 their pixels, and Pillow the rest of the file (_sixteen_bit). tifffile reads every 9- to 16-bit grey
 or RGB TIFF page (_tiff_pixels), whatever its layout; Pillow the other pages, and the metadata.
 What describes the photo travels with it (Metadata): the ICC profile, so the output keeps the
-input's colours; EXIF and XMP (camera, dates, GPS, author, copyright); the resolution; PNG text.
+input's colours (a CMYK photo is converted by its profile into sRGB: _cmyk_to_srgb); EXIF and XMP
+(camera, dates, GPS, author, copyright); the resolution; PNG text.
 Every page of a multi-page TIFF and every frame of an animated GIF, PNG or WebP is decoded (each
 upright, in its own layout), and encode_frames writes them back as one file, with the frames' timing.
 """
@@ -16,6 +17,7 @@ upright, in its own layout), and encode_frames writes them back as one file, wit
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import re
@@ -27,7 +29,7 @@ from typing import Any
 import imagecodecs
 import numpy as np
 import tifffile
-from PIL import Image, ImageOps, IptcImagePlugin, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, IptcImagePlugin, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
 # Suffix -> Pillow format. Output defaults to the input's format (GIF becomes PNG: a palette of
 # 256 colours would undo the upscale).
@@ -116,13 +118,13 @@ _TIFF_IPTC = 33723  # the TIFF tag of IPTC records
 
 @dataclass(frozen=True)
 class Metadata:
-    """What an output carries over from its input: the ICC profile; EXIF, filtered (_EXIF_KEPT) and
-    upright (no orientation: the pixels are turned); XMP, without its orientation (Pillow, for one,
-    turns an image by XMP's where EXIF has none); IPTC records (captions, keywords, credits: to JPEG
-    and TIFF outputs); the resolution in dots per inch; PNG text chunks (to PNG outputs); an
-    animation's timing: each frame's duration in milliseconds and how often it plays (0: forever,
-    None: the input said nothing, so once). Maker notes, thumbnails, comments and Photoshop's other
-    resources are not carried."""
+    """What an output carries over from its input: the ICC profile (where it describes the output's
+    colours: _profile_fitted); EXIF, filtered (_EXIF_KEPT) and upright (no orientation: the pixels
+    are turned); XMP, without its orientation (Pillow, for one, turns an image by XMP's where EXIF
+    has none); IPTC records (captions, keywords, credits: to JPEG and TIFF outputs); the resolution
+    in dots per inch; PNG text chunks (to PNG outputs); an animation's timing: each frame's duration
+    in milliseconds and how often it plays (0: forever, None: the input said nothing, so once).
+    Maker notes, thumbnails, comments and Photoshop's other resources are not carried."""
 
     icc_profile: bytes | None = None
     exif: bytes | None = None
@@ -295,7 +297,7 @@ def _tiff_page(img: Image.Image | None, index: int, page: tifffile.TiffPage) -> 
         return _upright(_tiff_pixels(page), orientation)
     if img is None:
         raise DecodeError(f"a TIFF page of a layout isosr does not read ({_tiff_layout(page)})")
-    return _to_array(ImageOps.exif_transpose(img))
+    return _pillow_pixels(img)
 
 
 def _tiff_layout(page: tifffile.TiffPage) -> str:
@@ -376,7 +378,7 @@ def _frame(data: bytes, img: Image.Image, channels: int) -> np.ndarray:
     """The pixels of `img`'s current frame, upright: Pillow's, or where it would reduce them to 8
     bits (`channels`: _sixteen_bit_channels), libpng's."""
     if not channels:
-        return _to_array(ImageOps.exif_transpose(img))
+        return _pillow_pixels(img)
     if img.format != "PNG":  # a TIFF tifffile could not parse (_decode)
         raise DecodeError("16-bit colour in a TIFF that tifffile cannot read; Pillow would keep only 8 bits")
     if getattr(img, "is_animated", False):
@@ -410,11 +412,14 @@ def _metadata(img: Image.Image) -> Metadata:
         exif = img.getexif()
     except Exception:  # noqa: BLE001 - whatever a broken EXIF block raises, the pixels are what count
         exif = Image.Exif()
+    icc = info.get("icc_profile")
+    if img.mode == "CMYK" and _cmyk_to_srgb(icc):  # _pillow_pixels converts the pixels into sRGB by it
+        icc = _srgb_profile()
     # Text chunks may follow the pixels: PngImageFile.text reads to the end, through every frame of
     # an animated PNG, whose text _decode reads once it has decoded them all.
     return _described(
         exif,
-        icc=info.get("icc_profile"),
+        icc=icc,
         xmp=info.get("xmp", info.get("XML:com.adobe.xmp")),
         # A JPEG whose JFIF unit is 0 states only an aspect ratio, which Pillow reports as "dpi".
         dpi=_dpi(info.get("dpi")) if info.get("jfif_unit") != 0 else None,
@@ -587,6 +592,16 @@ def _upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return turned(pixels).copy() if turned else pixels
 
 
+def _pillow_pixels(img: Image.Image) -> np.ndarray:
+    """The pixels of Pillow's current frame, upright, in one of the tiler's layouts (_to_array); a
+    CMYK frame in sRGB by its ICC profile (_cmyk_to_srgb), which exif_transpose does not keep."""
+    icc = img.info.get("icc_profile")
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "CMYK" and (transform := _cmyk_to_srgb(icc)):
+        img = ImageCms.applyTransform(img, transform)
+    return _to_array(img)
+
+
 def _to_array(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode == "1":
@@ -607,6 +622,49 @@ def _to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img)
 
 
+def _icc_space(icc: Any) -> bytes | None:
+    """The colour space an ICC profile describes (b"RGB ", b"GRAY", b"CMYK", b"Lab " ...: bytes 16-19
+    of its header, ICC.1 7.2), or None where `icc` is no profile (its header lacks "acsp")."""
+    return icc[16:20] if isinstance(icc, bytes) and len(icc) >= 128 and icc[36:40] == b"acsp" else None
+
+
+@functools.lru_cache(maxsize=1)
+def _srgb_profile() -> bytes:
+    """LittleCMS's built-in sRGB profile (ICC v4, 588 bytes), what CMYK photos are converted into,
+    with a fixed creation date (header bytes 24-35; it is made anew, dated now, in each process):
+    the same input gives the same output bytes on any worker, on any day."""
+    made = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return made[:24] + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + made[36:]
+
+
+def _cmyk_to_srgb(icc: Any) -> ImageCms.ImageCmsTransform | None:
+    """LittleCMS's conversion (perceptual) from the inks the CMYK profile `icc` describes into sRGB,
+    or None where `icc` is no CMYK profile or one LittleCMS cannot use. Pillow's own CMYK to RGB
+    ignores the profile (R = 255 - C - K, ...): a print scan's colours would shift, and its CMYK
+    profile, carried onto RGB pixels, would be one that viewers reject."""
+    return _cmyk_transform(icc) if _icc_space(icc) == b"CMYK" else None
+
+
+@functools.lru_cache(maxsize=8)  # a press archive's files share a few profiles: each is built once
+def _cmyk_transform(icc: bytes) -> ImageCms.ImageCmsTransform | None:
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), "CMYK", "RGB")
+    except Exception:  # noqa: BLE001 - a profile LittleCMS cannot use: Pillow's formula, and no profile
+        return None
+
+
+def _profile_fitted(metadata: Metadata | None, grey: bool) -> Metadata | None:
+    """`metadata` without its ICC profile where that describes other colours than the output's
+    pixels, grey or RGB (a CMYK or Lab profile on RGB, an RGB one on grey; a block that is no
+    profile): libpng and viewers reject such a profile, and the pixels are in none of its colours."""
+    if metadata is None or metadata.icc_profile is None:
+        return metadata
+    if _icc_space(metadata.icc_profile) == (b"GRAY" if grey else b"RGB "):
+        return metadata
+    return replace(metadata, icc_profile=None)
+
+
 _MAX_SIDE = {"WEBP": 16383, "JPEG": 65535}  # the formats' own limits
 PNG_COMPRESS_LEVEL = 1
 
@@ -619,6 +677,7 @@ def encode(pixels: np.ndarray, fmt: str, *, metadata: Metadata | None = None, qu
     fmt = "PNG" if fmt == "GIF" else fmt
     if error := _too_large(pixels.shape[:2], fmt):
         raise ValueError(error)
+    metadata = _profile_fitted(metadata, grey=pixels.ndim == 2 or pixels.shape[2] == 2)
     if pixels.dtype == np.uint16 and fmt in ("JPEG", "WEBP", "BMP"):
         pixels = (pixels // 257).astype(np.uint8)
     if pixels.dtype == np.uint16 and pixels.ndim == 3:
@@ -663,7 +722,7 @@ def encode_frames(frames: list[np.ndarray], fmt: str, *, metadata: Metadata | No
     if error := frames_unfit([f.shape[:2] for f in frames], fmt):
         raise ValueError(error)
     images = _same_layout(frames)
-    metadata = metadata or Metadata()
+    metadata = _profile_fitted(metadata or Metadata(), grey=images[0].mode in ("L", "LA"))
     options: dict[str, Any] = {"save_all": True, "append_images": images[1:]}
     options["loop"] = 1 if metadata.loop is None else metadata.loop  # said nothing: plays once
     if len(metadata.durations) == len(frames):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from dataclasses import replace
 
 import imagecodecs
 import numpy as np
@@ -16,6 +17,7 @@ import tifffile
 from PIL import Image, ImageCms, ImageOps
 
 from pipeline.images import Metadata, decode, encode
+from tests.icc import grey_profile
 
 CHANNELS = {"RGB": 3, "RGBA": 4, "LA": 2}
 
@@ -78,9 +80,9 @@ def test_sixteen_bit_colour_is_written_at_sixteen_bits_with_its_metadata() -> No
     exif[0x010F] = "Hasselblad"
     exif[0x010E] = '{"shape": [37, 53, 3]}'  # tifffile's record of an array's shape: not the photo's
     exif.get_ifd(0x8769)[0x9003] = "1969:07:20 20:17:40"
-    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     metadata = Metadata(
-        icc_profile=icc,
+        icc_profile=srgb,
         exif=exif.tobytes(),
         xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>',
         dpi=(2400.0, 2400.0),
@@ -89,6 +91,8 @@ def test_sixteen_bit_colour_is_written_at_sixteen_bits_with_its_metadata() -> No
     )
     for mode, channels in CHANNELS.items():
         pixels = deep(channels)
+        icc = grey_profile() if mode == "LA" else srgb  # a profile of the pixels' own colours
+        metadata = replace(metadata, icc_profile=icc)
         for fmt in ("PNG", "TIFF"):
             data = encode(pixels, fmt, metadata=metadata)
             if (fmt, mode) == ("TIFF", "LA"):  # a TIFF Pillow cannot open: read by tifffile
