@@ -296,13 +296,15 @@ def _tiff_page(img: Image.Image | None, index: int, page: tifffile.TiffPage) -> 
         orientation = _orientation(img) if img else page.tags.valueof(0x0112, 1)
         return _upright(_tiff_pixels(page), orientation)
     if img is None:
-        raise DecodeError(f"a TIFF page of a layout isosr does not read ({_tiff_layout(page)})")
+        raise _unread_layout(page)
     return _pillow_pixels(img)
 
 
-def _tiff_layout(page: tifffile.TiffPage) -> str:
+def _unread_layout(page: tifffile.TiffPage) -> DecodeError:
+    """The error for a TIFF page neither tifffile's path nor Pillow reads, naming its layout."""
     photometric = getattr(page.photometric, "name", page.photometric)
-    return f"{page.samplesperpixel} samples of {page.bitspersample} bits a pixel, photometric {photometric}"
+    layout = f"{page.samplesperpixel} samples of {page.bitspersample} bits a pixel, photometric {photometric}"
+    return DecodeError(f"a TIFF page of a layout isosr does not read ({layout})")
 
 
 def _tiff_pixels(page: tifffile.TiffPage) -> np.ndarray:
@@ -317,7 +319,7 @@ def _tiff_pixels(page: tifffile.TiffPage) -> np.ndarray:
     alpha = bool(extra) and extra[0] in (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
     channels = colour + alpha
     if page.samplesperpixel != colour + len(extra):  # channels of no stated meaning: not a photo's
-        raise DecodeError(f"a TIFF page of a layout isosr does not read ({_tiff_layout(page)})")
+        raise _unread_layout(page)
     h, w = page.imagelength, page.imagewidth
     pixels = pixels.reshape(h, w, -1) if pixels.size == h * w * page.samplesperpixel else pixels
     if pixels.shape[:2] != (h, w) or pixels.ndim != 3 or pixels.shape[2] < channels:
