@@ -160,7 +160,7 @@ def nightly(options: NightlyOptions, *, log: TextIO | None = None) -> NightlyRes
                 f"{r['planned'] - r['done']} are left to redo",
                 file=log,
             )
-        run_options, inputs = resolve_inputs(run_options)
+        run_options, inputs = resolve_inputs(run_options, log=log)
         changes = diff(
             inputs,
             state.records,

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
@@ -164,14 +165,27 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def resolve_inputs(options: RunOptions) -> tuple[RunOptions, list[storage.InputFile]]:
-    """SRC's listing, and the options with its input format settled (detected when not given).
-    Raises FileNotFoundError for a missing SRC and UsageError for a SRC that mixes kinds of input."""
+def resolve_inputs(options: RunOptions, *, log: TextIO | None = None) -> tuple[RunOptions, list[storage.InputFile]]:
+    """SRC's listing, and the options with its input format settled (detected when not given); the
+    files under SRC that are not inputs (their suffix), counted by suffix on `log`. Raises
+    FileNotFoundError for a missing SRC and UsageError for a SRC that mixes kinds of input."""
+    ignored: Counter[str] = Counter()
     try:
-        fmt, inputs = shards.list_src(options.src, options.dst, options.input_format)
+        fmt, inputs = shards.list_src(options.src, options.dst, options.input_format, ignored=ignored)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if ignored and log is not None:
+        print(f"isosr: {_left_alone(ignored, fmt)}", file=log)
     return dataclasses.replace(options, input_format=fmt), inputs
+
+
+def _left_alone(ignored: Counter[str], fmt: str) -> str:
+    """What a run says of the files under SRC that it does not read, by suffix, most first."""
+    total = sum(ignored.values())
+    kinds = ", ".join(f"{count:,} {suffix or 'without a suffix'}" for suffix, count in ignored.most_common(5))
+    more = f" and {len(ignored) - 5} more kinds" if len(ignored) > 5 else ""
+    what = "image files of a format isosr reads" if fmt == shards.IMAGES else f"{fmt} shards"
+    return f"{total:,} files under SRC are not {what} and are left alone ({kinds}{more})"
 
 
 def plan_inputs(
@@ -386,7 +400,7 @@ def run(options: RunOptions, *, log: TextIO | None = None) -> RunResult:
     started = time.perf_counter()
     source = prepare(options)
     run_id = new_run_id()
-    options, inputs = resolve_inputs(options)
+    options, inputs = resolve_inputs(options, log=log)
     todo, settled = plan_inputs(options, run_id, inputs=inputs)
     print(
         f"isosr: run {run_id}: {len(todo)} inputs to upscale, {len(settled)} settled before starting (outputs exist, or clash)",

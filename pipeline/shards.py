@@ -36,6 +36,7 @@ import posixpath
 import re
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -81,12 +82,16 @@ def kind_of(key: str) -> str:
     return next((kind for kind in SHARD_FORMATS if suffix in SUFFIXES[kind]), IMAGES)
 
 
-def list_src(src: str, dst: str, requested: str | None) -> tuple[str, list[storage.InputFile]]:
+def list_src(
+    src: str, dst: str, requested: str | None, *, ignored: Counter[str] | None = None
+) -> tuple[str, list[storage.InputFile]]:
     """(input format, listing). `requested` None detects it from what is under SRC: loose images,
-    Parquet shards or tar shards, and refuses a mix (ValueError naming the counts)."""
+    Parquet shards or tar shards, and refuses a mix (ValueError naming the counts). `ignored`: as
+    storage.list_inputs."""
     if requested:
-        return requested, storage.list_inputs(src, exclude=[dst], suffixes=SUFFIXES[requested])
-    found = storage.list_inputs(src, exclude=[dst], suffixes=[s for kind in INPUT_FORMATS for s in SUFFIXES[kind]])
+        return requested, storage.list_inputs(src, exclude=[dst], suffixes=SUFFIXES[requested], ignored=ignored)
+    suffixes = [s for kind in INPUT_FORMATS for s in SUFFIXES[kind]]
+    found = storage.list_inputs(src, exclude=[dst], suffixes=suffixes, ignored=ignored)
     kinds: dict[str, int] = {}
     for f in found:
         if f.error is None:  # a folder that cannot be listed is of no kind

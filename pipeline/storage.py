@@ -11,6 +11,7 @@ import errno
 import os
 import posixpath
 import uuid
+from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,7 +64,11 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def list_inputs(
-    src: str, *, exclude: Sequence[str] = (), suffixes: Collection[str] = tuple(FORMATS)
+    src: str,
+    *,
+    exclude: Sequence[str] = (),
+    suffixes: Collection[str] = tuple(FORMATS),
+    ignored: Counter[str] | None = None,
 ) -> list[InputFile]:
     """Every input file under SRC, recursively, sorted by key: one whose suffix is in `suffixes`
     (default: the image suffixes of pipeline.images.FORMATS), any case. Skips anything under a folder named `_isosr`, and anything
@@ -74,6 +79,8 @@ def list_inputs(
     URIs keep SRC's spelling (a relative SRC gives relative URIs).
     Locally, a symbolic link to a file is that file; a folder that cannot be listed, a FIFO, a device,
     a link to nothing and a name that is not UTF-8 are inputs whose `error` says so (nothing reads them).
+    `ignored`, when given, counts the files left out for their suffix, by suffix (lower case; "" for
+    none), so that the caller can say what was not upscaled (a camera's RAW files, sidecars).
     One recursive listing, no request per object. Raises FileNotFoundError naming SRC when it does
     not exist (a missing bucket, or a prefix with no objects under it), PermissionError when it
     cannot be listed."""
@@ -121,7 +128,9 @@ def list_inputs(
             if local and not os.access(path, os.R_OK | os.X_OK):
                 inputs.append(_unlisted(src, key))
             continue
-        if posixpath.splitext(name)[1].lower() not in suffixes:
+        if (suffix := posixpath.splitext(name)[1].lower()) not in suffixes:
+            if ignored is not None:
+                ignored[suffix] += 1
             continue
         info, error = _follow(fs, path, info) if info.get("type") == "other" else (info, None)
         if info.get("type", "file") == "directory":

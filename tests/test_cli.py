@@ -64,6 +64,8 @@ def test_upscale_mirrors_paths_sizes_modes_and_formats(
     ray_local: None, inputs: Path, tmp_path: Path, tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dst = tmp_path / "dst"
+    (inputs / "nested" / "IMG_0001.CR2").write_bytes(b"a camera's raw file")  # not an image isosr reads
+    (inputs / "nested" / "IMG_0002.CR2").write_bytes(b"a camera's raw file")
     status = main(["upscale", str(inputs), str(dst), "--checkpoint", tiny_checkpoint, "--batch-size", "5"])
     assert status == EXIT_OK
     for source, (output, mode, fmt) in EXPECTED.items():
@@ -85,6 +87,7 @@ def test_upscale_mirrors_paths_sizes_modes_and_formats(
     assert {p.name for p in Path(run_dir).iterdir()} >= {"manifest.parquet", "report.json", "report.html"}
     assert sorted(pq.read_table(Path(run_dir) / "manifest.parquet").column("key").to_pylist()) == sorted(EXPECTED)
     assert "6 inputs to upscale" in out.err  # what the run is about to do, before the progress display
+    assert "2 files under SRC are not image files of a format isosr reads and are left alone (2 .cr2)" in out.err
 
 
 @pytest.mark.cluster

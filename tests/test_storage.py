@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -94,9 +95,11 @@ def test_local_listing_finds_every_image_and_nothing_else(tmp_path: Path) -> Non
     # DST spelled differently from SRC (through '..'): it must still be recognised as inside SRC.
     dst = str(src / "fotos" / ".." / "out")
 
-    listed = list_inputs(str(src), exclude=[dst])
+    ignored: Counter[str] = Counter()
+    listed = list_inputs(str(src), exclude=[dst], ignored=ignored)
 
     assert [f.key for f in listed] == sorted(IMAGES)
+    assert ignored == {".txt": 1, "": 1, ".bak": 1}  # what a run says it left alone; not DST, not _isosr
     for f in listed:
         assert f.size == len(IMAGES[f.key])
         assert f.uri == str(src / f.key)
