@@ -42,6 +42,17 @@ def _positive(text: str) -> int:
     return value
 
 
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "tif": "TIFF",
+                  "bmp": "BMP", "avif": "AVIF", "jp2": "JPEG2000", "jpeg2000": "JPEG2000"}  # fmt: skip
+
+
+def _output_format(text: str) -> str:
+    """--format's value as Pillow names the format (jp2 -> JPEG2000), any case."""
+    if (fmt := OUTPUT_FORMATS.get(text.lower())) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of png, jpeg, webp, tiff, bmp, avif, jp2")
+    return fmt
+
+
 def _non_negative(text: str) -> float:
     value = float(text)
     if not value >= 0:  # also refuses nan
@@ -109,9 +120,9 @@ def _add_run_options(parser: argparse.ArgumentParser, *, ray_address: bool = Tru
     parser.add_argument(
         "--format",
         dest="output_format",
-        type=str.upper,
-        choices=["PNG", "JPEG", "WEBP", "TIFF", "BMP"],
-        help="output format (default: the input's; GIF becomes PNG)",
+        type=_output_format,
+        metavar="png|jpeg|webp|tiff|bmp|avif|jp2",
+        help="output format (default: the input's; GIF becomes PNG, HEIC JPEG)",
     )
     parser.add_argument(
         "--max-pixels",

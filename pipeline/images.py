@@ -3,15 +3,17 @@
 Decoding applies the EXIF orientation and maps every Pillow mode to one of the tiler's layouts:
   L -> HxW uint8; LA -> HxWx2; RGB -> HxWx3; RGBA -> HxWx4; I;16* / I (16-bit grey) -> HxW uint16;
   1 -> L; P -> RGBA if it has transparency, else RGB; PA -> RGBA; CMYK, YCbCr, LAB, HSV -> RGB.
-16-bit colour and 16-bit grey with alpha (PNG, TIFF) -> HxWx2, x3 or x4 uint16: Pillow has no mode for
+16-bit colour and 16-bit grey with alpha (PNG, TIFF, JPEG 2000) -> HxWx2, x3 or x4 uint16: Pillow has no mode for
 them (it reads them as 8 bits and writes none), so libpng (imagecodecs) and tifffile read and write
 their pixels, and Pillow the rest of the file (_sixteen_bit). tifffile reads every 9- to 16-bit grey
 or RGB TIFF page (_tiff_pixels), whatever its layout; Pillow the other pages, and the metadata.
 What describes the photo travels with it (Metadata): the ICC profile, so the output keeps the
 input's colours (a CMYK photo is converted by its profile into sRGB: _cmyk_to_srgb); EXIF and XMP
 (camera, dates, GPS, author, copyright); the resolution; PNG text.
-Every page of a multi-page TIFF and every frame of an animated GIF, PNG or WebP is decoded (each
-upright, in its own layout), and encode_frames writes them back as one file, with the frames' timing.
+Every page of a multi-page TIFF and every frame of an animated GIF, PNG, WebP or AVIF is decoded
+(each upright, in its own layout), and encode_frames writes them back as one file, with the frames'
+timing. HEIC is read through pillow-heif (libheif); a JPEG 2000 of 9 to 16 bits by OpenJPEG
+(imagecodecs), its metadata boxes by pipeline.jp2.
 """
 
 from __future__ import annotations
@@ -28,11 +30,16 @@ from typing import Any
 
 import imagecodecs
 import numpy as np
+import pillow_heif
 import tifffile
 from PIL import Image, ImageCms, ImageOps, IptcImagePlugin, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
-# Suffix -> Pillow format. Output defaults to the input's format (GIF becomes PNG: a palette of
-# 256 colours would undo the upscale).
+from pipeline import jp2
+
+# Suffix -> Pillow format. Output defaults to the input's format, but for two that isosr reads and
+# does not write: GIF becomes PNG (a palette of 256 colours would undo the upscale), HEIF (a phone's
+# HEIC photo) JPEG, because x265, the only HEVC encoder, holds at most 142.6 MP (an iPhone's 12 MP
+# photo x4 is 195 MP) and encodes ~1 MP/s a core, slower than the model on a GPU (RESULTS.md).
 FORMATS = {
     ".png": "PNG",
     ".jpg": "JPEG",
@@ -42,8 +49,17 @@ FORMATS = {
     ".tiff": "TIFF",
     ".bmp": "BMP",
     ".gif": "GIF",
+    ".avif": "AVIF",
+    ".jp2": "JPEG2000",
+    ".heic": "HEIF",
+    ".heif": "HEIF",
 }
-OUTPUT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".png"}
+OUTPUT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp", "AVIF": ".avif",
+                 "JPEG2000": ".jp2", "GIF": ".png"}  # fmt: skip
+_WRITTEN_AS = {"GIF": "PNG", "HEIF": "JPEG", "MPO": "JPEG"}  # formats read, not written -> the output's
+# HEIF (HEIC) in Pillow: libheif, with libde265 decoding HEVC; without the thumbnails, depth maps and
+# other auxiliary pictures a phone stores beside the photo, which isosr does not upscale.
+pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 # decode() enforces --max-pixels itself, from the header, before any pixel is decoded; Pillow's own
 # lower limit (~179 MP, an error at twice its warning level) would otherwise override it.
 Image.MAX_IMAGE_PIXELS = None
@@ -54,12 +70,13 @@ MAX_BYTES_PER_PIXEL, MAX_METADATA_BYTES = 8, 64 * 2**20
 _RGB_MODES = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"}
 # Formats whose files hold several pictures that are all upscaled: a TIFF's pages, an animation's
 # frames. (MPO, JPEG's multi-picture variant, is read as its first picture: its others are previews
-# or a stereo partner that a JPEG output cannot hold.)
-_MULTI_FRAME = ("TIFF", "GIF", "PNG", "WEBP")
+# or a stereo partner that a JPEG output cannot hold. A HEIF is read as its primary picture: the
+# photo a phone shows; its others are a burst's or edits'.)
+_MULTI_FRAME = ("TIFF", "GIF", "PNG", "WEBP", "AVIF")
 # Each frame costs at least a tile of network work however small it is: a file of 100,000 1x1
 # frames would pass any pixel limit and cost hours. Long animations and books stay well below.
 MAX_FRAMES = 10_000
-_ANIMATED_OUTPUTS = ("PNG", "WEBP")
+_ANIMATED_OUTPUTS = ("PNG", "WEBP", "AVIF")
 _TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
 _TIFF_SIXTEEN_BIT = (tifffile.PHOTOMETRIC.MINISWHITE, tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB)
 
@@ -77,17 +94,17 @@ def output_format(key: str, requested: str | None = None) -> str:
     if requested:
         return requested
     fmt = FORMATS.get(("." + key.rsplit(".", 1)[-1].lower()) if "." in key else "", "PNG")
-    return "PNG" if fmt == "GIF" else fmt
+    return _WRITTEN_AS.get(fmt, fmt)
 
 
 def output_format_of(decoded_format: str, requested: str | None = None) -> str:
     """The format an image known only by its bytes is written in (a shard's row has no suffix):
     `requested`, else the format Pillow decoded when isosr writes it (MPO, JPEG's multi-picture
-    variant, as JPEG; GIF as PNG, as for files), else PNG."""
+    variant, as JPEG; GIF as PNG and HEIF as JPEG, as for files), else PNG."""
     if requested:
         return requested
-    fmt = {"MPO": "JPEG"}.get(decoded_format, decoded_format)
-    return fmt if fmt in OUTPUT_SUFFIX and fmt != "GIF" else "PNG"
+    fmt = _WRITTEN_AS.get(decoded_format, decoded_format)
+    return fmt if fmt in OUTPUT_SUFFIX else "PNG"
 
 
 class DecodeError(ValueError):
@@ -217,7 +234,9 @@ def _decode(data: bytes, max_pixels: int | None) -> Decoded:
     except DecodeError:
         raise
     except UnidentifiedImageError:
-        raise DecodeError("not an image in any supported format (PNG, JPEG, WebP, TIFF, BMP, GIF)") from None
+        raise DecodeError(
+            "not an image in any supported format (PNG, JPEG, WebP, TIFF, BMP, GIF, AVIF, HEIC, JPEG 2000)"
+        ) from None
     except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types on hostile files
         raise DecodeError(f"not a readable image ({type(e).__name__}: {e})") from None
 
@@ -239,9 +258,10 @@ def _decode_pillow(data: bytes, max_pixels: int | None) -> Decoded:
         count = _checked_count(getattr(img, "n_frames", 1) if fmt in _MULTI_FRAME else 1)
         sizes = [img.size] * count if fmt != "TIFF" else [(img.seek(i), img.size)[1] for i in range(count)]
         _check_pixels(fmt, sizes, max_pixels)
-        img.seek(0)
+        if count > 1:  # a HEIF of several pictures opens at its primary one, which need not be the first
+            img.seek(0)
         channels = _sixteen_bit_channels(img)  # before _metadata: a PNG's text is read by decoding it
-        metadata = _metadata(img)
+        metadata = _metadata(img) if fmt != "JPEG2000" else _jp2_metadata(data, img)
         frames = [_frame(data, img, channels)]
         durations = [_duration(img)]
         for index in range(1, count):
@@ -250,7 +270,8 @@ def _decode_pillow(data: bytes, max_pixels: int | None) -> Decoded:
                 frames.append(_frame(data, img, _sixteen_bit_channels(img)))
             durations.append(_duration(img))
         if count > 1 and fmt != "TIFF":  # at the last frame, reading a PNG's text decodes nothing more
-            timing = {"durations": tuple(durations), "loop": _loop(img.info.get("loop"))}
+            # Pillow reports no loop count for AVIF, whose sequences loop forever unless they say otherwise.
+            timing = {"durations": tuple(durations), "loop": _loop(img.info.get("loop", 0 if fmt == "AVIF" else None))}
             metadata = replace(metadata, text=_png_text(img), **timing)
     return Decoded(tuple(frames), fmt, metadata)
 
@@ -325,8 +346,7 @@ def _tiff_pixels(page: tifffile.TiffPage) -> np.ndarray:
     if pixels.shape[:2] != (h, w) or pixels.ndim != 3 or pixels.shape[2] < channels:
         raise DecodeError(f"16-bit pixels decoded as {pixels.shape}, where the header says {(h, w, channels)}")
     pixels = pixels[..., :channels]
-    if (bits := page.bitspersample) < 16:
-        pixels = (pixels << (16 - bits)) | (pixels >> (2 * bits - 16))  # 0..2^bits-1 -> 0..65535
+    pixels = _spread(pixels, page.bitspersample)
     if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
         pixels[..., 0] = 65535 - pixels[..., 0]
     if alpha and extra[0] == tifffile.EXTRASAMPLE.ASSOCALPHA:
@@ -378,7 +398,9 @@ def _check_pixels(fmt: str, sizes: list[tuple[int, int]], max_pixels: int | None
 
 def _frame(data: bytes, img: Image.Image, channels: int) -> np.ndarray:
     """The pixels of `img`'s current frame, upright: Pillow's, or where it would reduce them to 8
-    bits (`channels`: _sixteen_bit_channels), libpng's."""
+    bits (`channels`: _sixteen_bit_channels), libpng's; a JPEG 2000's of 9 to 16 bits, OpenJPEG's."""
+    if img.format == "JPEG2000" and (depth := _jpeg2000_depth(data)) > 8:
+        return _upright(_jpeg2000_pixels(data, img, depth), _orientation(img))
     if not channels:
         return _pillow_pixels(img)
     if img.format != "PNG":  # a TIFF tifffile could not parse (_decode)
@@ -387,6 +409,39 @@ def _frame(data: bytes, img: Image.Image, channels: int) -> np.ndarray:
         raise DecodeError("an animated PNG with 16-bit colour is not supported (its frames would lose 8 bits)")
     orientation = _orientation(img)
     return _upright(_sixteen_bit_pixels(data, img, channels), orientation)
+
+
+def _jpeg2000_depth(data: bytes) -> int:
+    """The bits a sample of a JPEG 2000's first component (from its codestream's SIZ marker, ISO
+    15444-1 A.5.1: Ssiz is bits - 1, its top bit set for signed samples); raises DecodeError for signed
+    samples, 0 where the marker is not found (Pillow then reads the file, or says why it cannot)."""
+    at = data.find(b"\xff\x4f\xff\x51")  # SOC then SIZ open every codestream, bare or in a JP2's jp2c box
+    if at < 0 or len(data) < at + 4 + 39:
+        return 0
+    ssiz = data[at + 4 + 38]  # after Lsiz, Rsiz, eight 32-bit sizes and offsets, and Csiz
+    if ssiz & 0x80:
+        raise DecodeError(
+            f"{(ssiz & 0x7F) + 1}-bit signed samples are not supported: convert the file to unsigned ones"
+        )
+    return (ssiz & 0x7F) + 1
+
+
+def _jpeg2000_pixels(data: bytes, img: Image.Image, depth: int) -> np.ndarray:
+    """A JPEG 2000's stored 9- to 16-bit pixels as HxW or HxWxC uint16, by OpenJPEG (imagecodecs),
+    values spread over 16 bits: Pillow reads such colour as 8 bits, 16-bit colour as black."""
+    h, w = img.height, img.width
+    pixels = imagecodecs.jpeg2k_decode(jp2.without_profile(data))  # as stored, as Pillow reads 8 bits
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    if pixels.shape[:2] != (h, w) or pixels.ndim > 3 or channels > 4 or pixels.dtype.kind != "u":
+        raise DecodeError(
+            f"{depth}-bit pixels decoded as {pixels.shape} {pixels.dtype}, where the header says {(h, w)}"
+        )
+    return _spread(pixels.astype(np.uint16, copy=False), depth)
+
+
+def _spread(pixels: np.ndarray, bits: int) -> np.ndarray:
+    """`pixels` of `bits` (8 to 16) bits, 0..2^bits-1, spread over 0..65535 (the top bits repeated below)."""
+    return pixels if bits >= 16 else (pixels << (16 - bits)) | (pixels >> (2 * bits - 16))
 
 
 def _duration(img: Image.Image) -> int:
@@ -440,6 +495,17 @@ def _tiff_metadata(data: bytes) -> Metadata:
         return _described(tags, icc=tags.get(34675), xmp=tags.get(700), iptc=iptc if isinstance(iptc, bytes) else None)
     except Exception:  # noqa: BLE001 - tags that cannot be read are left out, the image is not
         return Metadata()
+
+
+def _jp2_metadata(data: bytes, img: Image.Image) -> Metadata:
+    """The metadata of a JPEG 2000: its boxes (jp2.read), and the resolution Pillow reads."""
+    boxes = jp2.read(data)
+    exif, icc = Image.Exif(), boxes.get("icc")
+    with contextlib.suppress(Exception):  # EXIF that cannot be read is left out, the image is not
+        exif.load(boxes.get("exif"))
+    if img.mode == "CMYK" and _cmyk_to_srgb(icc):  # as _metadata
+        icc = _srgb_profile()
+    return _described(exif, icc=icc, xmp=boxes.get("xmp"), dpi=_dpi(img.info.get("dpi")), iptc=boxes.get("iptc"))
 
 
 def _described(
@@ -669,18 +735,22 @@ def _profile_fitted(metadata: Metadata | None, grey: bool) -> Metadata | None:
 
 _MAX_SIDE = {"WEBP": 16383, "JPEG": 65535}  # the formats' own limits
 PNG_COMPRESS_LEVEL = 1
+# libaom's fastest: 7-14x faster than Pillow's default speed 6 (which encodes 1.2-1.5 MP/s a core,
+# 10x slower than any other output), for files 14-18 % larger and 0.2-0.4 dB lower at quality 95
+# (four photos, RESULTS.md). AVIF at speed 6 would bind a GPU node's encoding many times over.
+AVIF_SPEED = 10
 
 
 def encode(pixels: np.ndarray, fmt: str, *, metadata: Metadata | None = None, quality: int = 95) -> bytes:
     """Encode an array (layouts as `decode` returns) in Pillow format `fmt`, with what of `metadata`
-    the format holds (_metadata_options). PNG and TIFF keep 16 bits; JPEG, WebP and BMP hold 8, to
+    the format holds (_metadata_options). PNG, TIFF and JPEG 2000 keep 16 bits; JPEG, WebP, AVIF and BMP hold 8, to
     which 16-bit is reduced; JPEG and BMP hold no alpha, which is composited onto white. Raises
     ValueError for an image larger than the format can hold."""
     fmt = "PNG" if fmt == "GIF" else fmt
     if error := _too_large(pixels.shape[:2], fmt):
         raise ValueError(error)
     metadata = _profile_fitted(metadata, grey=pixels.ndim == 2 or pixels.shape[2] == 2)
-    if pixels.dtype == np.uint16 and fmt in ("JPEG", "WEBP", "BMP"):
+    if pixels.dtype == np.uint16 and fmt in ("JPEG", "WEBP", "BMP", "AVIF"):
         pixels = (pixels // 257).astype(np.uint8)
     if pixels.dtype == np.uint16 and pixels.ndim == 3:
         return _sixteen_bit(pixels, fmt, metadata)
@@ -689,8 +759,10 @@ def encode(pixels: np.ndarray, fmt: str, *, metadata: Metadata | None = None, qu
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img.convert("RGBA")).convert("RGB" if img.mode == "RGBA" else "L")
     options: dict[str, Any] = {}
-    if fmt in ("JPEG", "WEBP"):
+    if fmt in ("JPEG", "WEBP", "AVIF"):
         options["quality"] = quality
+    if fmt == "AVIF":
+        options["speed"] = AVIF_SPEED
     if fmt == "PNG":
         # zlib level 1: 5x faster than Pillow's default 6 and 1.5x faster than 3, for files 13 % and
         # 4 % larger (jobs/bench.py codecs, RESULTS.md). Encoding 16x the input's pixels is the CPU
@@ -733,6 +805,8 @@ def encode_frames(frames: list[np.ndarray], fmt: str, *, metadata: Metadata | No
         options["compress_level"] = PNG_COMPRESS_LEVEL
     else:
         options["quality"] = quality
+    if fmt == "AVIF":
+        options["speed"] = AVIF_SPEED
     return _save(images[0], fmt, options, metadata)
 
 
@@ -742,7 +816,7 @@ def frames_unfit(sizes: list[tuple[int, ...]], fmt: str) -> str | None:
     if len(sizes) == 1 or fmt == "TIFF":
         return None
     if fmt not in _ANIMATED_OUTPUTS:
-        return f"{fmt} holds one picture and this input has {len(sizes)}: choose --format tiff, png or webp"
+        return f"{fmt} holds one picture and this input has {len(sizes)}: choose --format tiff, png, webp or avif"
     if len(set(sizes)) > 1:
         return f"its {len(sizes)} pages differ in size, which an animated {fmt} cannot hold: choose --format tiff"
     return _too_large(sizes[0], fmt)
@@ -768,6 +842,9 @@ def _same_layout(frames: list[np.ndarray]) -> list[Image.Image]:
 def _save(img: Image.Image, fmt: str, options: dict[str, Any], metadata: Metadata | None) -> bytes:
     """`img` saved by Pillow with `options` and what of `metadata` `fmt` holds."""
     buffer = io.BytesIO()
+    if fmt == "JPEG2000":  # Pillow writes a JP2's pixels alone (reversible wavelet: lossless)
+        img.save(buffer, format=fmt, **options)
+        return _jp2_with(buffer.getvalue(), metadata)
     try:
         img.save(buffer, format=fmt, **options, **_metadata_options(metadata or Metadata(), fmt))
     except Exception:  # metadata Pillow cannot write (odd EXIF types, say) never costs the image
@@ -779,12 +856,14 @@ def _save(img: Image.Image, fmt: str, options: dict[str, Any], metadata: Metadat
 
 
 def _sixteen_bit(pixels: np.ndarray, fmt: str, metadata: Metadata | None) -> bytes:
-    """16-bit colour, or grey with alpha (HxWx2, x3, x4 uint16), as a PNG or TIFF with `metadata`.
+    """16-bit colour, or grey with alpha (HxWx2, x3, x4 uint16), as a PNG, TIFF or JPEG 2000 with `metadata`.
     Pillow holds such pixels in no mode, but writes every metadata block isosr carries: libpng
     (imagecodecs) encodes a PNG's pixels, and the chunks Pillow writes for the metadata go in
     beside them; a TIFF is Pillow's own, written from the 8-bit image, with its strips rewritten
     at 16 bits and the tags that say so changed by tifffile."""
     mode = {2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
+    if fmt == "JPEG2000":  # OpenJPEG, lossless (Pillow writes 16-bit grey alone)
+        return _jp2_with(imagecodecs.jpeg2k_encode(np.ascontiguousarray(pixels), level=0, codecformat="jp2"), metadata)
     if fmt == "PNG":
         chunks = _png_chunks(_save(Image.new(mode, (1, 1)), "PNG", {}, metadata))
         if not pixels.flags.c_contiguous or min(pixels.strides) <= 0:  # libpng takes rows in order, as numpy
@@ -815,6 +894,12 @@ def _sixteen_bit(pixels: np.ndarray, fmt: str, metadata: Metadata | None) -> byt
     return tiff.getvalue()
 
 
+def _jp2_with(data: bytes, metadata: Metadata | None) -> bytes:
+    """A JP2 file with `metadata`'s ICC profile, XMP, IPTC, EXIF and resolution in its boxes (jp2.write)."""
+    m = metadata or Metadata()
+    return jp2.write(data, icc=m.icc_profile, xmp=m.xmp, iptc=m.iptc, exif=m.exif, dpi=m.dpi)
+
+
 def _png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
     """(type, whole chunk: length, type, data and CRC) for each chunk of a PNG."""
     chunks, at = [], 8
@@ -826,7 +911,8 @@ def _png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
 
 
 def _metadata_options(metadata: Metadata, fmt: str) -> dict[str, Any]:
-    """Pillow's save options that write `metadata` in `fmt`: every format but BMP holds the ICC
+    """Pillow's save options that write `metadata` in `fmt` (JPEG 2000's go in its boxes instead:
+    _jp2_with): every format but BMP holds the ICC
     profile, EXIF and XMP (JPEG up to one marker segment of each: larger blocks are left out); PNG,
     TIFF, JPEG and BMP the resolution; PNG its text chunks; TIFF the IPTC records (a JPEG's are
     added to the encoded file, _with_iptc)."""
@@ -853,7 +939,7 @@ def _metadata_options(metadata: Metadata, fmt: str) -> dict[str, Any]:
     elif fmt != "BMP":
         if exif:
             options["exif"] = exif
-        if xmp and fmt in ("JPEG", "WEBP"):
+        if xmp and fmt in ("JPEG", "WEBP", "AVIF"):
             options["xmp"] = xmp
     if fmt == "PNG" and (m.text or xmp):
         info = PngImagePlugin.PngInfo()

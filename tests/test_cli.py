@@ -278,7 +278,7 @@ def test_format_option_and_single_file(ray_local: None, inputs: Path, tmp_path: 
             ["upscale", "{tmp}/src", "{tmp}/out", "--checkpoint-sha256", "0" * 64],
             "but --checkpoint-sha256 asks for 0000",
         ),
-        (["upscale", "{tmp}/src", "{tmp}/out", "--format", "xcf"], "invalid choice"),
+        (["upscale", "{tmp}/src", "{tmp}/out", "--format", "xcf"], "'xcf' is not one of png"),
         (["upscale", "{tmp}/src", "{tmp}/src/"], "same place"),
         (["upscale", "{tmp}/src", "{tmp}/src/../src"], "same place"),
         (["upscale", "{tmp}/src", "{tmp}/caf\udce9"], "/caf\\xe9 is not valid UTF-8"),

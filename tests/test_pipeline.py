@@ -232,6 +232,15 @@ def mixed_tree() -> dict[str, tuple[bytes, Expected]]:
             encoded(Image.fromarray(phone), "JPEG", quality=95, exif=exif.tobytes()),
             Expected("phone/IMG 0001.JPG", "RGB", "JPEG"),
         ),
+        "phone/IMG 0002.HEIC": (  # stored on its side, libheif's rotation box turns it
+            encoded(Image.fromarray(phone), "HEIF", quality=95, exif=exif.tobytes()),
+            Expected("phone/IMG 0002.jpg", "RGB", "JPEG"),
+        ),
+        "web/coffee.avif": (
+            encoded(Image.fromarray(coffee), "AVIF", quality=95),
+            Expected("web/coffee.avif", "RGB", "AVIF"),
+        ),
+        "scan/archive.jp2": (encoded(Image.fromarray(grey), "JPEG2000"), Expected("scan/archive.jp2", "L", "JPEG2000")),
     }
 
 
@@ -756,7 +765,10 @@ def test_every_page_and_frame_is_upscaled_and_kept_in_one_file(frame_runs: Frame
 def test_a_format_of_one_picture_fails_the_file_saying_what_to_choose(frame_runs: FrameRuns) -> None:
     rows = {r["key"]: r for r in frame_runs.jpeg.manifest.to_pylist()}
     assert {k: r["status"] for k, r in rows.items()} == {"book.tif": "failed", "clip.gif": "failed"}
-    assert rows["book.tif"]["error"] == "JPEG holds one picture and this input has 2: choose --format tiff, png or webp"
+    assert (
+        rows["book.tif"]["error"]
+        == "JPEG holds one picture and this input has 2: choose --format tiff, png, webp or avif"
+    )
     assert [r["tiles"] for r in rows.values()] == [0, 0]  # refused on decoding, before any model work
     assert not [p for p in (frame_runs.store.root / "jpeg").iterdir() if p.name != "_isosr"]
 
