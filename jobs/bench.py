@@ -198,6 +198,10 @@ ENCODERS = (
     ("JPEG q95 (isosr)", "JPEG", {"quality": 95}),
     ("WebP q95, method 4 (isosr)", "WEBP", {"quality": 95}),
     ("WebP q95, method 0", "WEBP", {"quality": 95, "method": 0}),
+    ("AVIF q95, speed 10 (isosr)", "AVIF", {"quality": 95, "speed": 10, "max_threads": 1}),
+    ("AVIF q95, speed 6 (Pillow's default)", "AVIF", {"quality": 95, "max_threads": 1}),
+    ("JPEG 2000, lossless (isosr)", "JPEG2000", {}),
+    ("HEIC q95 (read only: written as JPEG; x265 encodes on its own threads)", "HEIF", {"quality": 95}),
 )
 
 
@@ -221,7 +225,14 @@ def _timed(fn, repeats: int) -> float:
 
 
 def bench_codecs(args: argparse.Namespace) -> dict[str, object]:
-    """One thread: Pillow's codecs do not use more for one image, and isosr runs one task per core."""
+    """One thread: Pillow's codecs do not use more for one image, and isosr runs one task per core.
+    libavif and libheif would decode on threads of their own: they are held to one here."""
+    import pillow_heif
+    from PIL import AvifImagePlugin
+
+    import pipeline.images  # noqa: F401 - registers pillow-heif's HEIF codec with Pillow
+
+    AvifImagePlugin.DEFAULT_MAX_THREADS, pillow_heif.options.DECODE_THREADS = 1, 1
     pixels = output_like_photo(args.quick)
     image = Image.fromarray(pixels)
     mp = pixels.shape[0] * pixels.shape[1] / 1e6

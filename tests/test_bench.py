@@ -34,7 +34,7 @@ def test_quick_bench_writes_the_ratios_and_the_pipeline_matches_the_naive_baseli
     assert result["pipeline_vs_ceiling"] == pipe["runs"]["float32"]["pipeline_vs_ceiling"]
     assert [r["batch"] for r in result["model"]["rows"]] == [1, 8]
     assert result["model"]["halos"]["4"]["compute_factor"] == pytest.approx((64 / 56) ** 2, abs=1e-3)
-    assert {r["format"] for r in result["codecs"]["rows"]} == {"PNG", "JPEG", "WEBP"}
+    assert {r["format"] for r in result["codecs"]["rows"]} == {"PNG", "JPEG", "WEBP", "AVIF", "JPEG2000", "HEIF"}
     skip = result["skip"]["rows"]
     assert skip[0]["skip_detail"] == 0 and skip[0]["tiles_skipped"] == 0
     assert "pipeline / ceiling" in table.read_text()
