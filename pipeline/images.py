@@ -3,9 +3,9 @@
 Decoding applies the EXIF orientation and maps every Pillow mode to one of the tiler's layouts:
   L -> HxW uint8; LA -> HxWx2; RGB -> HxWx3; RGBA -> HxWx4; I;16* / I (16-bit grey) -> HxW uint16;
   1 -> L; P -> RGBA if it has transparency, else RGB; PA -> RGBA; CMYK, YCbCr, LAB, HSV -> RGB.
-16-bit colour and 16-bit grey with alpha (PNG, TIFF, JPEG 2000) -> HxWx2, x3 or x4 uint16: Pillow has no mode for
-them (it reads them as 8 bits and writes none), so libpng (imagecodecs) and tifffile read and write
-their pixels, and Pillow the rest of the file (_sixteen_bit). tifffile reads every 9- to 16-bit grey
+16-bit colour and 16-bit grey with alpha (PNG, TIFF, JPEG 2000) -> HxWx2, x3 or x4 uint16: Pillow
+has no mode for them (it reads them as 8 bits and writes none), so libpng, OpenJPEG (imagecodecs)
+and tifffile read and write their pixels, and Pillow the rest of the file (_sixteen_bit). tifffile reads every 9- to 16-bit grey
 or RGB TIFF page (_tiff_pixels), whatever its layout; Pillow the other pages, and the metadata.
 What describes the photo travels with it (Metadata): the ICC profile, so the output keeps the
 input's colours (a CMYK photo is converted by its profile into sRGB: _cmyk_to_srgb); EXIF and XMP
@@ -271,7 +271,8 @@ def _decode_pillow(data: bytes, max_pixels: int | None) -> Decoded:
             durations.append(_duration(img))
         if count > 1 and fmt != "TIFF":  # at the last frame, reading a PNG's text decodes nothing more
             # Pillow reports no loop count for AVIF, whose sequences loop forever unless they say otherwise.
-            timing = {"durations": tuple(durations), "loop": _loop(img.info.get("loop", 0 if fmt == "AVIF" else None))}
+            loop = img.info.get("loop", 0 if fmt == "AVIF" else None)
+            timing = {"durations": tuple(durations), "loop": _loop(loop)}
             metadata = replace(metadata, text=_png_text(img), **timing)
     return Decoded(tuple(frames), fmt, metadata)
 
@@ -743,9 +744,9 @@ AVIF_SPEED = 10
 
 def encode(pixels: np.ndarray, fmt: str, *, metadata: Metadata | None = None, quality: int = 95) -> bytes:
     """Encode an array (layouts as `decode` returns) in Pillow format `fmt`, with what of `metadata`
-    the format holds (_metadata_options). PNG, TIFF and JPEG 2000 keep 16 bits; JPEG, WebP, AVIF and BMP hold 8, to
-    which 16-bit is reduced; JPEG and BMP hold no alpha, which is composited onto white. Raises
-    ValueError for an image larger than the format can hold."""
+    the format holds (_metadata_options). PNG, TIFF and JPEG 2000 keep 16 bits; JPEG, WebP, AVIF and
+    BMP hold 8, to which 16-bit is reduced; JPEG and BMP hold no alpha, which is composited onto
+    white. Raises ValueError for an image larger than the format can hold."""
     fmt = "PNG" if fmt == "GIF" else fmt
     if error := _too_large(pixels.shape[:2], fmt):
         raise ValueError(error)
