@@ -139,9 +139,11 @@ class Metadata:
     colours: _profile_fitted); EXIF, filtered (_EXIF_KEPT) and upright (no orientation: the pixels
     are turned); XMP, without its orientation (Pillow, for one, turns an image by XMP's where EXIF
     has none); IPTC records (captions, keywords, credits: to JPEG and TIFF outputs); the resolution
-    in dots per inch; PNG text chunks (to PNG outputs); an animation's timing: each frame's duration
-    in milliseconds and how often it plays (0: forever, None: the input said nothing, so once).
-    Maker notes, thumbnails, comments and Photoshop's other resources are not carried."""
+    in dots per inch; PNG text chunks and a PNG's colour chunks, gAMA, cHRM and sRGB (type and
+    data each; to PNG outputs: browsers honour a gamma of 1.8 or 1.0); an animation's timing: each
+    frame's duration in milliseconds and how often it plays (0: forever, None: the input said
+    nothing, so once). Maker notes, thumbnails, comments and Photoshop's other resources are not
+    carried."""
 
     icc_profile: bytes | None = None
     exif: bytes | None = None
@@ -151,6 +153,7 @@ class Metadata:
     iptc: bytes | None = None
     durations: tuple[int, ...] = ()
     loop: int | None = None
+    png_colour: tuple[bytes, ...] = ()
 
     def for_output(self, width: int, height: int, scale: int) -> Metadata:
         """The same, for an output of width x height pixels, `scale` times the input's: the same
@@ -177,7 +180,7 @@ class Metadata:
     def as_row(self) -> dict[str, Any]:
         return {"icc_profile": self.icc_profile, "exif": self.exif, "xmp": self.xmp,
                 "dpi": list(self.dpi) if self.dpi else None, "text": [list(kv) for kv in self.text], "iptc": self.iptc,
-                "durations": list(self.durations), "loop": self.loop}  # fmt: skip
+                "durations": list(self.durations), "loop": self.loop, "png_colour": list(self.png_colour)}  # fmt: skip
 
     @classmethod
     def from_row(cls, row: dict[str, Any] | None) -> Metadata:
@@ -185,7 +188,8 @@ class Metadata:
             return cls()
         dpi, text = row["dpi"], row["text"] or ()
         return cls(**{**row, "dpi": tuple(dpi) if dpi else None, "text": tuple((k, v) for k, v in text),
-                      "durations": tuple(row.get("durations") or ())})  # fmt: skip
+                      "durations": tuple(row.get("durations") or ()),
+                      "png_colour": tuple(row.get("png_colour") or ())})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -475,7 +479,7 @@ def _metadata(img: Image.Image) -> Metadata:
         icc = _srgb_profile()
     # Text chunks may follow the pixels: PngImageFile.text reads to the end, through every frame of
     # an animated PNG, whose text _decode reads once it has decoded them all.
-    return _described(
+    described = _described(
         exif,
         icc=icc,
         xmp=info.get("xmp", info.get("XML:com.adobe.xmp")),
@@ -484,6 +488,7 @@ def _metadata(img: Image.Image) -> Metadata:
         text=_png_text(img) if not getattr(img, "is_animated", False) else (),
         iptc=_iptc(img),
     )
+    return replace(described, png_colour=_png_colour(img))
 
 
 def _tiff_metadata(data: bytes) -> Metadata:
@@ -547,6 +552,23 @@ def _png_text(img: Image.Image) -> tuple[tuple[str, str], ...]:
         and max(map(ord, k)) < 256
         and not k.startswith(("XML:", "Raw profile"))
     )
+
+
+def _png_colour(img: Image.Image) -> tuple[bytes, ...]:
+    """A PNG's gAMA, cHRM and sRGB chunks (type then data, as the file holds them), rebuilt from what
+    Pillow read (values x 100,000, rounded back: exact); () for other formats or values out of range."""
+    if not isinstance(img, PngImagePlugin.PngImageFile):
+        return ()
+    info, chunks = img.info, []
+    with contextlib.suppress(TypeError, ValueError, struct.error):  # a broken chunk is left out
+        if (gamma := info.get("gamma")) is not None:
+            chunks.append(b"gAMA" + struct.pack(">I", round(gamma * 100000)))
+    with contextlib.suppress(TypeError, ValueError, struct.error):
+        if (white_and_primaries := info.get("chromaticity")) is not None:
+            chunks.append(b"cHRM" + struct.pack(">8I", *(round(v * 100000) for v in white_and_primaries)))
+    if info.get("srgb") in (0, 1, 2, 3):  # the rendering intent
+        chunks.append(b"sRGB" + bytes([info["srgb"]]))
+    return tuple(chunks)
 
 
 def _iptc(img: Image.Image) -> bytes | None:
@@ -913,10 +935,10 @@ def _png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
 
 def _metadata_options(metadata: Metadata, fmt: str) -> dict[str, Any]:
     """Pillow's save options that write `metadata` in `fmt` (JPEG 2000's go in its boxes instead:
-    _jp2_with): every format but BMP holds the ICC
-    profile, EXIF and XMP (JPEG up to one marker segment of each: larger blocks are left out); PNG,
-    TIFF, JPEG and BMP the resolution; PNG its text chunks; TIFF the IPTC records (a JPEG's are
-    added to the encoded file, _with_iptc)."""
+    _jp2_with): every format but BMP holds the ICC profile, EXIF and XMP (JPEG up to one marker
+    segment of each: larger blocks are left out); PNG, TIFF, JPEG and BMP the resolution; PNG its
+    text and colour chunks; TIFF the IPTC records (a JPEG's are added to the encoded file,
+    _with_iptc)."""
     m = metadata
     options: dict[str, Any] = {}
     if m.icc_profile and fmt != "BMP":
@@ -942,8 +964,10 @@ def _metadata_options(metadata: Metadata, fmt: str) -> dict[str, Any]:
             options["exif"] = exif
         if xmp and fmt in ("JPEG", "WEBP", "AVIF"):
             options["xmp"] = xmp
-    if fmt == "PNG" and (m.text or xmp):
+    if fmt == "PNG" and (m.text or xmp or m.png_colour):
         info = PngImagePlugin.PngInfo()
+        for chunk in m.png_colour:  # Pillow writes them before the pixels, and no sRGB beside a profile
+            info.add(chunk[:4], chunk[4:])
         for key, value in m.text:
             info.add_text(key, value, zip=len(value) > 1024)
         if xmp:

@@ -51,7 +51,8 @@ _BINARY = ("pixels", "rt_lr", "rt_ref", "out_pixels", "rt_sr", "data", "crop_bef
 # images.Metadata.as_row() / from_row(): what an output carries over from its input
 META = pa.struct([("icc_profile", pa.binary()), ("exif", pa.binary()), ("xmp", pa.binary()),
                   ("dpi", pa.list_(pa.float64())), ("text", pa.list_(pa.list_(pa.string()))),
-                  ("iptc", pa.binary()), ("durations", pa.list_(pa.int64())), ("loop", pa.int64())])  # fmt: skip
+                  ("iptc", pa.binary()), ("durations", pa.list_(pa.int64())), ("loop", pa.int64()),
+                  ("png_colour", pa.list_(pa.binary()))])  # fmt: skip
 RT_SCORES = ("rt_psnr_model", "rt_psnr_bicubic", "rt_psnr_model_y", "rt_psnr_bicubic_y", "rt_gain_db")
 SCHEMA = pa.schema(
     [(c, pa.string()) for c in _STRING]

@@ -142,7 +142,7 @@ def test_outputs_keep_what_describes_the_photo_and_are_upright(
 ) -> None:
     """A phone photo stored on its side, a PNG with text chunks, a TIFF scan: each output is upright
     and keeps the ICC profile, EXIF (camera, date, GPS, copyright), XMP, IPTC keywords, PNG text
-    and the physical size (4x the dots per inch); what described the stored file (orientation,
+    and gamma and the physical size (4x the dots per inch); what described the stored file (orientation,
     maker note, pixel dimensions) does not follow it. The same as TIFF, through the band path."""
     src = tmp_path / "src"
     src.mkdir()
@@ -158,6 +158,7 @@ def test_outputs_keep_what_describes_the_photo_and_are_upright(
     text = PngImagePlugin.PngInfo()
     text.add_text("Title", "Harbour, 1921")
     text.add_itxt("Description", "Hafen – Blick nach Süden")
+    text.add(b"gAMA", (55556).to_bytes(4, "big"))  # a gamma of 1/1.8, as old Macs wrote
     Image.fromarray(photo(30, 20)).save(src / "text.png", pnginfo=text, dpi=(72, 72))
     scan = Image.Exif()
     scan.update({0x013B: "Scanner operator", 0x0112: 1})
@@ -188,6 +189,7 @@ def test_outputs_keep_what_describes_the_photo_and_are_upright(
     with Image.open(tmp_path / "dst" / "text.png") as out:
         assert out.text == {"Title": "Harbour, 1921", "Description": "Hafen – Blick nach Süden"}
         assert out.info["dpi"] == pytest.approx((288, 288), abs=0.1)  # PNG stores whole dots per metre: 72.01 in
+        assert out.info["gamma"] == 0.55556
     with Image.open(tmp_path / "dst" / "scan.tif") as out:
         assert out.getexif()[0x013B] == "Scanner operator" and out.info["dpi"] == (2400, 2400)
 

@@ -8,11 +8,12 @@ average, over 100 at worst, with Ghostscript's SWOP press profile (RESULTS.md)."
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
 import skimage.data
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin
 
 from pipeline.images import Metadata, decode, encode, encode_frames
 from tests.icc import grey_profile, press_profile
@@ -95,3 +96,38 @@ def test_an_animation_that_becomes_colour_drops_a_grey_profile() -> None:
     for icc, kept in ((grey_profile(), None), (SRGB, SRGB)):
         written = decode(encode_frames(frames, "PNG", metadata=Metadata(icc_profile=icc)))
         assert len(written.frames) == 2 and written.metadata.icc_profile == kept
+
+
+def png_stating(chunks: list[tuple[bytes, bytes]], pixels: np.ndarray, **options: object) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for kind, data in chunks:
+        info.add(kind, data)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", pnginfo=info, **options)
+    return buffer.getvalue()
+
+
+MAC_GAMMA = (b"gAMA", struct.pack(">I", 55556))  # 1/1.8, as Macs wrote PNGs before 2009
+PRIMARIES = (b"cHRM", struct.pack(">8I", 31270, 32900, 64000, 33000, 30000, 60000, 15000, 6000))
+
+
+@pytest.mark.parametrize("pixels", [np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint16)], ids=["rgb", "grey16"])
+@pytest.mark.parametrize("written", [np.uint8, np.uint16], ids=["to-8-bit", "to-16-bit-colour"])
+def test_a_pngs_gamma_and_primaries_go_with_it(pixels: np.ndarray, written: type) -> None:
+    """A PNG without a profile that states its gamma (1/1.8 here; 1.0 for linear data) and primaries:
+    browsers honour gAMA and cHRM, so an output without them shows lighter or darker. On the code
+    before, neither was written. (16-bit colour is written by libpng, the chunks beside its pixels.)"""
+    image = decode(png_stating([MAC_GAMMA, PRIMARIES], pixels))
+    output = np.zeros((8, 8, 3), written)
+    with Image.open(io.BytesIO(encode(output, "PNG", metadata=image.metadata))) as out:
+        assert out.info["gamma"] == 0.55556
+        assert out.info["chromaticity"] == (0.3127, 0.329, 0.64, 0.33, 0.3, 0.6, 0.15, 0.06)
+
+
+def test_an_srgb_chunk_is_kept_and_never_written_beside_a_profile() -> None:
+    image = decode(png_stating([(b"sRGB", b"\x01")], np.zeros((8, 8, 3), np.uint8)))  # relative colorimetric
+    with Image.open(io.BytesIO(encode(image.pixels, "PNG", metadata=image.metadata))) as out:
+        assert out.info["srgb"] == 1
+    both = Metadata(icc_profile=SRGB, png_colour=(b"sRGB\x01",))
+    with Image.open(io.BytesIO(encode(np.zeros((8, 8, 3), np.uint8), "PNG", metadata=both))) as out:
+        assert "srgb" not in out.info and out.info["icc_profile"] == SRGB  # the PNG spec allows one of them
