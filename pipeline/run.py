@@ -484,6 +484,7 @@ def execute(
             ray.kill(assembler)
         if started_ray:
             ray.shutdown()
+    storage.remove(f"{paths.run_dir}/staging")  # every band is assembled: its folders, left empty, go too
     for row in settled:
         row["model_sha256"] = source.version
     manifest = table(rows + settled)

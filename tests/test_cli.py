@@ -171,6 +171,7 @@ def test_outputs_keep_what_describes_the_photo_and_are_upright(
     for run_dir in re.findall(r"^manifest and report: (.+)$", capsys.readouterr().out, re.MULTILINE):
         manifest = pq.read_table(Path(run_dir) / "manifest.parquet").to_pylist()
         tiles[len(manifest)] = next(r["tiles"] for r in manifest if r["key"] == "phone.jpg")
+        assert "staging" not in {p.name for p in Path(run_dir).iterdir()}  # the bands' folders, once stacked
     assert tiles[1] > tiles[3], "not cut: the tile row on either side of a cut runs twice"
 
     for out_path in (tmp_path / "dst" / "phone.jpg", tmp_path / "alone" / "phone.tif"):
