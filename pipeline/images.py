@@ -51,9 +51,16 @@ FORMATS = {
     ".gif": "GIF",
     ".avif": "AVIF",
     ".jp2": "JPEG2000",
+    ".j2k": "JPEG2000",  # a bare codestream
+    ".j2c": "JPEG2000",
+    ".jpx": "JPEG2000",  # JPEG 2000 part 2's container; Pillow reads the JP2 subset most such files are
+    ".jpf": "JPEG2000",
     ".heic": "HEIF",
     ".heif": "HEIF",
 }
+# Suffixes read whose outputs are named otherwise: isosr writes JPEG 2000 as a JP2 file (which holds
+# the metadata boxes), so a .j2k, .j2c, .jpx or .jpf input's output is .jp2.
+_RENAMED_SUFFIXES = {".j2k", ".j2c", ".jpx", ".jpf"}
 OUTPUT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp", "AVIF": ".avif",
                  "JPEG2000": ".jp2", "GIF": ".png"}  # fmt: skip
 _WRITTEN_AS = {"GIF": "PNG", "HEIF": "JPEG", "MPO": "JPEG"}  # formats read, not written -> the output's
@@ -85,7 +92,12 @@ def output_suffix(key: str, fmt: str) -> str:
     """The suffix an output in `fmt` gets: the input's own when it already names that format
     (photo.jpeg stays .jpeg, scan.tiff stays .tiff), else the format's usual one."""
     suffix = ("." + key.rsplit(".", 1)[-1]) if "." in key.rsplit("/", 1)[-1] else ""
-    return suffix if FORMATS.get(suffix.lower()) == fmt else OUTPUT_SUFFIX[fmt]
+    return suffix if names_output(suffix, fmt) else OUTPUT_SUFFIX[fmt]
+
+
+def names_output(suffix: str, fmt: str) -> bool:
+    """Whether an output in `fmt` keeps `suffix` (".jpeg" for JPEG: yes; ".j2k" for JPEG 2000: no)."""
+    return FORMATS.get(suffix.lower()) == fmt and suffix.lower() not in _RENAMED_SUFFIXES
 
 
 def output_format(key: str, requested: str | None = None) -> str:

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline import storage
-from pipeline.images import FORMATS, OUTPUT_SUFFIX
+from pipeline.images import FORMATS, OUTPUT_SUFFIX, names_output
 from pipeline.images import output_format as _output_format
 from pipeline.manifest import FAILED, OK, SKIPPED
 
@@ -433,7 +433,7 @@ def _write_tar(f: Any, staged: list[str]) -> None:
 def _image_ext(ext: str, fmt: str) -> str:
     """The entry's extension with its last part naming `fmt`: kept when it already does."""
     head, _, last = ext.rpartition(".")
-    if FORMATS.get("." + last.lower()) == fmt:
+    if names_output("." + last, fmt):
         return ext
     return (head + "." if head else "") + OUTPUT_SUFFIX[fmt].lstrip(".")
 

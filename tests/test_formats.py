@@ -181,6 +181,17 @@ def test_twelve_bit_jpeg2000_is_spread_over_sixteen_bits() -> None:
     assert np.array_equal(image.pixels >> 4, grey)
 
 
+@pytest.mark.parametrize("suffix", [".j2k", ".J2C", ".jpx", ".jpf"])
+def test_other_jpeg2000_suffixes_are_read_and_written_as_jp2(suffix: str) -> None:
+    """A bare codestream (.j2k, .j2c) or a JPX file is read; its output is a JP2 file, named .jp2, since
+    a codestream holds no metadata boxes and a JP2 under .j2k would mislead a reader that trusts names."""
+    codecformat = "j2k" if suffix.lower() in (".j2k", ".j2c") else "jp2"
+    image = decode(imagecodecs.jpeg2k_encode(PHOTO, level=0, codecformat=codecformat))
+    assert np.array_equal(image.pixels, PHOTO)
+    key = "scans/page" + suffix
+    assert output_format(key) == "JPEG2000" and output_suffix(key, "JPEG2000") == ".jp2"
+
+
 def test_signed_jpeg2000_samples_are_refused_by_name() -> None:
     signed = (PHOTO[..., 0].astype(np.int16) - 128).astype(np.int16)
     with pytest.raises(DecodeError, match="16-bit signed samples are not supported"):
