@@ -13,7 +13,7 @@ a few lines; no maintained Python library does it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 XMP_UUID = bytes.fromhex("be7acfcb97a942e89c71999491e3afac")
 IPTC_UUID = bytes.fromhex("33c7a4d2b81d4723a0baf1a3e097ad38")
@@ -70,22 +70,37 @@ def without_profile(data: bytes) -> bytes:
     """The JP2 file `data` with an ICC colour box stated as the enumerated colour space instead (sRGB,
     or grey for one or two components), the pixels untouched: OpenJPEG (imagecodecs) converts the
     pixels of a file with a profile into sRGB, where isosr keeps them as stored and carries the profile."""
+
+    def enumerated(inner: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        ihdr = next((_contents(box) for kind, box in inner if kind == b"ihdr" and len(_contents(box)) >= 14), None)
+        if ihdr is None or not any(kind == b"colr" and _contents(box)[:1] in (b"\x02", b"\x03") for kind, box in inner):
+            return inner
+        space = 17 if struct.unpack(">H", ihdr[8:10])[0] <= 2 else 16  # grey, sRGB
+        colr = _box(b"colr", b"\x01\x00\x00" + struct.pack(">I", space))
+        return [(kind, colr if kind == b"colr" else box) for kind, box in inner]
+
+    return _header_rewritten(data, enumerated)
+
+
+def _header_rewritten(data: bytes, rewrite: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]],
+                      after: bytes = b"") -> bytes:  # fmt: skip
+    """The JP2 file `data` with its header box's inner boxes, (type, whole box) each, as `rewrite`
+    returns them, and the boxes `after` right after it; a file with no header box comes back unchanged."""
     header = next((b for b in _boxes(data) if b[0] == b"jp2h"), None) if data.startswith(_SIGNATURE) else None
     if header is None:
         return data
     _, start, inside, end = header
-    boxes = [(kind, data[at:stop], data[s:stop]) for kind, s, at, stop in _boxes(data, inside, end)]
-    ihdr = next((contents for kind, contents, _ in boxes if kind == b"ihdr" and len(contents) >= 14), None)
-    if ihdr is None or not any(kind == b"colr" and contents[:1] in (b"\x02", b"\x03") for kind, contents, _ in boxes):
-        return data
-    components = struct.unpack(">H", ihdr[8:10])[0]
-    enumerated = _box(b"colr", b"\x01\x00\x00" + struct.pack(">I", 17 if components <= 2 else 16))  # grey, sRGB
-    inner = b"".join(enumerated if kind == b"colr" else box for kind, _, box in boxes)
-    return data[:start] + _box(b"jp2h", inner) + data[end:]
+    inner = rewrite([(kind, data[at:stop]) for kind, at, _, stop in _boxes(data, inside, end)])
+    return data[:start] + _box(b"jp2h", b"".join(box for _, box in inner)) + after + data[end:]
 
 
 def _box(kind: bytes, contents: bytes) -> bytes:
     return struct.pack(">I4s", 8 + len(contents), kind) + contents
+
+
+def _contents(box: bytes) -> bytes:
+    """A whole box's contents: after its 8-byte header, or 16 where its length is a 64-bit one."""
+    return box[16:] if box[:4] == b"\x00\x00\x00\x01" else box[8:]
 
 
 def _resolution(dpi: tuple[float, float]) -> bytes | None:
@@ -116,24 +131,20 @@ def write(
     """The JP2 file `data` (as Pillow or OpenJPEG writes it) with an ICC profile in its colour box
     (in place of the enumerated colour space), a capture resolution, and XMP, IPTC and EXIF in uuid
     boxes after its header box. A file that is not a JP2 with a header box comes back unchanged."""
-    if not data.startswith(_SIGNATURE) or not (icc or xmp or iptc or exif or dpi):
+    if not (icc or xmp or iptc or exif or dpi):
         return data
-    out, done = [], False
-    for kind, start, inside, end in _boxes(data):
-        if kind != b"jp2h" or done:
-            out.append(data[start:end])
-            continue
-        inner = [(k, data[s:e]) for k, s, _, e in _boxes(data, inside, end) if k != b"res "]
+
+    def described(inner: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        inner = [(kind, box) for kind, box in inner if kind != b"res "]
         if icc:
-            inner = [(k, _box(b"colr", b"\x02\x00\x00" + icc) if k == b"colr" else box) for k, box in inner]
+            inner = [(kind, _box(b"colr", b"\x02\x00\x00" + icc) if kind == b"colr" else box) for kind, box in inner]
         if dpi and (resolution := _resolution(dpi)):
             inner.append((b"res ", resolution))
-        out.append(_box(b"jp2h", b"".join(box for _, box in inner)))
-        if xmp:
-            out.append(_box(b"uuid", XMP_UUID + xmp))
-        if iptc:
-            out.append(_box(b"uuid", IPTC_UUID + iptc))
-        if exif:  # the TIFF structure alone, as exiftool reads it
-            out.append(_box(b"uuid", EXIF_UUID + exif.removeprefix(_EXIF_HEADER)))
-        done = True
-    return b"".join(out) if done else data
+        return inner
+
+    after = _box(b"uuid", XMP_UUID + xmp) if xmp else b""
+    if iptc:
+        after += _box(b"uuid", IPTC_UUID + iptc)
+    if exif:  # the TIFF structure alone, as exiftool reads it
+        after += _box(b"uuid", EXIF_UUID + exif.removeprefix(_EXIF_HEADER))
+    return _header_rewritten(data, described, after)
