@@ -486,9 +486,7 @@ def _metadata(img: Image.Image) -> Metadata:
         exif = img.getexif()
     except Exception:  # noqa: BLE001 - whatever a broken EXIF block raises, the pixels are what count
         exif = Image.Exif()
-    icc = info.get("icc_profile")
-    if img.mode == "CMYK" and _cmyk_to_srgb(icc):  # _pillow_pixels converts the pixels into sRGB by it
-        icc = _srgb_profile()
+    icc = _profile_of_pixels(img, info.get("icc_profile"))
     # Text chunks may follow the pixels: PngImageFile.text reads to the end, through every frame of
     # an animated PNG, whose text _decode reads once it has decoded them all.
     described = _described(
@@ -518,11 +516,9 @@ def _tiff_metadata(data: bytes) -> Metadata:
 def _jp2_metadata(data: bytes, img: Image.Image) -> Metadata:
     """The metadata of a JPEG 2000: its boxes (jp2.read), and the resolution Pillow reads."""
     boxes = jp2.read(data)
-    exif, icc = Image.Exif(), boxes.get("icc")
+    exif, icc = Image.Exif(), _profile_of_pixels(img, boxes.get("icc"))
     with contextlib.suppress(Exception):  # EXIF that cannot be read is left out, the image is not
         exif.load(boxes.get("exif"))
-    if img.mode == "CMYK" and _cmyk_to_srgb(icc):  # as _metadata
-        icc = _srgb_profile()
     return _described(exif, icc=icc, xmp=boxes.get("xmp"), dpi=_dpi(img.info.get("dpi")), iptc=boxes.get("iptc"))
 
 
@@ -740,6 +736,12 @@ def _srgb_profile() -> bytes:
     return made[:24] + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + made[36:]
 
 
+def _profile_of_pixels(img: Image.Image, icc: Any) -> Any:
+    """The ICC profile of the pixels _pillow_pixels makes of `img`, whose file states `icc`: sRGB's
+    for a CMYK frame it converts by that profile, else `icc` itself."""
+    return _srgb_profile() if img.mode == "CMYK" and _cmyk_to_srgb(icc) else icc
+
+
 def _cmyk_to_srgb(icc: Any) -> ImageCms.ImageCmsTransform | None:
     """LittleCMS's conversion (perceptual) from the inks the CMYK profile `icc` describes into sRGB,
     or None where `icc` is no CMYK profile or one LittleCMS cannot use. Pillow's own CMYK to RGB
@@ -796,8 +798,6 @@ def encode(pixels: np.ndarray, fmt: str, *, metadata: Metadata | None = None, qu
     options: dict[str, Any] = {}
     if fmt in ("JPEG", "WEBP", "AVIF"):
         options["quality"] = quality
-    if fmt == "AVIF":
-        options["speed"] = AVIF_SPEED
     if fmt == "PNG":
         # zlib level 1: 5x faster than Pillow's default 6 and 1.5x faster than 3, for files 13 % and
         # 4 % larger (jobs/bench.py codecs, RESULTS.md). Encoding 16x the input's pixels is the CPU
@@ -840,8 +840,6 @@ def encode_frames(frames: list[np.ndarray], fmt: str, *, metadata: Metadata | No
         options["compress_level"] = PNG_COMPRESS_LEVEL
     else:
         options["quality"] = quality
-    if fmt == "AVIF":
-        options["speed"] = AVIF_SPEED
     return _save(images[0], fmt, options, metadata)
 
 
@@ -875,8 +873,10 @@ def _same_layout(frames: list[np.ndarray]) -> list[Image.Image]:
 
 
 def _save(img: Image.Image, fmt: str, options: dict[str, Any], metadata: Metadata | None) -> bytes:
-    """`img` saved by Pillow with `options` and what of `metadata` `fmt` holds."""
+    """`img` saved by Pillow with `options` and what of `metadata` `fmt` holds; AVIF at AVIF_SPEED."""
     buffer = io.BytesIO()
+    if fmt == "AVIF":
+        options = {**options, "speed": AVIF_SPEED}
     if fmt == "JPEG2000":  # Pillow writes a JP2's pixels alone (reversible wavelet: lossless)
         img.save(buffer, format=fmt, **options)
         return _jp2_with(buffer.getvalue(), metadata)
