@@ -17,8 +17,10 @@ Sections (all by default):
   skip      content-adaptive skipping: share of tiles skipped, model time and PSNR-Y lost, by
             --skip-detail level, with the shipped weights on real photos.
   pipeline  the end-to-end pipeline (`isosr upscale`'s code on a local Ray, every core) on a fixed set
-            of real photos against (a) the model-only ceiling on exactly the same tiles, measured
-            before and after the pipeline runs (their mean: the machine's speed drifts), and (b) the
+            of real photos against (a) the model-only ceiling on exactly the same tiles, laid out as
+            the pipeline's model actors are (on a CPU one single-threaded process per core, on a GPU
+            one process), measured before and after the pipeline runs (their mean: the machine's
+            speed drifts), and (b) the
             naive baseline on the same inputs: one process, tiles one at a time (batch 1), Pillow
             reading and writing, as Real-ESRGAN's tiler works. Top-level JSON keys
             `pipeline_vs_ceiling` and `pipeline_vs_naive` are the ratios of output MP/s.
@@ -437,18 +439,21 @@ def output_mp(paths: list[Path], scale: int = 4) -> float:
     return sum(w * h for w, h in sizes) * scale**2 / 1e6
 
 
-def model_ceiling(paths: list[Path], model: DenseIsoViT, *, halo: int, batch_size: int, dtype: str) -> dict[str, float]:
-    """Output MP/s of the model alone over the photos' tiles, pre-made, in this process."""
+def photo_tiles(paths: list[Path], *, tile: int, halo: int) -> np.ndarray:
+    """Every tile the pipeline runs for the photos (each plane of each photo), pre-made, in order."""
     from model.tiling import _planes, extract_tiles, plan_tiles
 
-    config = model.config
     tiles = []
     for path in paths:
         pixels = np.asarray(Image.open(path))
-        plan = plan_tiles(pixels.shape[0], pixels.shape[1], tile=config.tile_size, halo=halo)
-        for plane in _planes(pixels):
-            tiles.append(extract_tiles(plane, plan))
-    all_tiles = torch.from_numpy(np.concatenate(tiles))
+        plan = plan_tiles(pixels.shape[0], pixels.shape[1], tile=tile, halo=halo)
+        tiles.extend(extract_tiles(plane, plan) for plane in _planes(pixels))
+    return np.concatenate(tiles)
+
+
+def time_tiles(tiles: np.ndarray, model: DenseIsoViT, *, batch_size: int, dtype: str) -> float:
+    """Seconds the model takes over `tiles` in batches of `batch_size`, after one warm-up batch."""
+    all_tiles = torch.from_numpy(tiles)
     device = next(model.parameters()).device
     with torch.inference_mode(), precision(device, dtype):
         model(all_tiles[:batch_size].to(device))  # warm-up
@@ -457,9 +462,15 @@ def model_ceiling(paths: list[Path], model: DenseIsoViT, *, halo: int, batch_siz
             model(all_tiles[i : i + batch_size].to(device))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        return time.perf_counter() - start
+
+
+def model_ceiling(paths: list[Path], model: DenseIsoViT, *, halo: int, batch_size: int, dtype: str) -> dict[str, float]:
+    """Output MP/s of the model alone over the photos' tiles, pre-made, in this process."""
+    tiles = photo_tiles(paths, tile=model.config.tile_size, halo=halo)
+    seconds = time_tiles(tiles, model, batch_size=batch_size, dtype=dtype)
     return {
-        "tiles": len(all_tiles),
+        "tiles": len(tiles),
         "seconds": round(seconds, 2),
         "output_mp_per_s": round(output_mp(paths) / seconds, 4),
     }
@@ -470,6 +481,7 @@ def bracketed(before: dict[str, float], after: dict[str, float], megapixels: flo
     time, and both times."""
     seconds = (before["seconds"] + after["seconds"]) / 2
     return {
+        "processes": before.get("processes", 1),
         "tiles": before["tiles"],
         "seconds": round(seconds, 2),
         "output_mp_per_s": round(megapixels / seconds, 4),
@@ -478,23 +490,24 @@ def bracketed(before: dict[str, float], after: dict[str, float], megapixels: flo
     }
 
 
-def _ceiling_share(job: tuple[str, list[str], int, int, int, str]) -> tuple[int, float]:
-    """One single-threaded process's share of the tiles (every `stride`-th photo from `offset`)."""
-    checkpoint, paths, offset, stride, halo, dtype = job
+def _ceiling_share(job: tuple[str, list[str], int, int, int, int, str]) -> tuple[int, float]:
+    """One single-threaded process's share of the photos' tiles: every `stride`-th from `offset`."""
+    checkpoint, paths, offset, stride, halo, batch_size, dtype = job
     from model.checkpoint import load_checkpoint
 
     torch.set_num_threads(1)
     model = load_checkpoint(checkpoint).model
-    mine = [Path(p) for p in paths[offset::stride]]
-    result = model_ceiling(mine, model, halo=halo, batch_size=8, dtype=dtype)
-    return result["tiles"], result["seconds"]
+    mine = photo_tiles([Path(p) for p in paths], tile=model.config.tile_size, halo=halo)[offset::stride]
+    return len(mine), time_tiles(np.ascontiguousarray(mine), model, batch_size=batch_size, dtype=dtype)
 
 
-def parallel_ceiling(paths: list[Path], checkpoint: str, *, halo: int, dtype: str) -> dict[str, float]:
-    """The model alone in one single-threaded process per core, started together: a stricter
-    ceiling than one process, where torch's threads do not scale perfectly."""
+def parallel_ceiling(paths: list[Path], checkpoint: str, *, halo: int, batch_size: int, dtype: str) -> dict[str, float]:
+    """The model alone in one single-threaded process per core, started together, each with an equal
+    share of the tiles: the pipeline's layout on CPU (one single-threaded model actor per core), with
+    no other work beside it. Where torch's threads do not scale perfectly, a stricter ceiling than one
+    process."""
     cores = os.cpu_count() or 1
-    jobs = [(checkpoint, [str(p) for p in paths], i, cores, halo, dtype) for i in range(cores)]
+    jobs = [(checkpoint, [str(p) for p in paths], i, cores, halo, batch_size, dtype) for i in range(cores)]
     with multiprocessing.get_context("spawn").Pool(cores) as pool:
         shares = pool.map(_ceiling_share, jobs)
     seconds = max(s for _, s in shares)
@@ -749,9 +762,19 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
         # The baselines first, on a quiet machine: Ray's own processes would slow them down.
         result["naive"] = naive_run(photos, root / "out-naive", model, halo=args.halo, device=args.device)
         log(f"naive baseline: {result['naive']}")
+
+        def ceiling(dtype: str) -> dict[str, float]:
+            """The model alone on the pipeline's tiles, laid out as the pipeline's model actors are: one
+            process on a GPU, one single-threaded process per core on a CPU (two threads of one process
+            were 8 % slower than two processes on a 2-core AMD EPYC without AVX-512, and their time
+            moved by up to 28 % between runs, RESULTS.md)."""
+            if device.type == "cpu":
+                return parallel_ceiling(photos, checkpoint, halo=args.halo, batch_size=batch_size, dtype=dtype)
+            return model_ceiling(photos, model, halo=args.halo, batch_size=batch_size, dtype=dtype)
+
         ceilings = {}
         for dtype in dtypes:
-            ceilings[dtype] = model_ceiling(photos, model, halo=args.halo, batch_size=batch_size, dtype=dtype)
+            ceilings[dtype] = ceiling(dtype)
             log(f"model-only ceiling, {dtype}: {ceilings[dtype]}")
         pipelines = {}
         ray.init(include_dashboard=False, logging_level="ERROR")
@@ -764,9 +787,11 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
                 )
                 log(f"pipeline, {dtype}, {images} photos: {pipelines[dtype]}")
             if device.type == "cpu" and not args.quick:
-                strict = parallel_ceiling(photos, checkpoint, halo=args.halo, dtype=runner.dtype)
-                result["ceiling_per_core"] = strict
-                log(f"model-only ceiling, {runner.dtype}, one single-threaded process per core: {strict}")
+                one = model_ceiling(photos, model, halo=args.halo, batch_size=batch_size, dtype=runner.dtype)
+                result["ceiling_one_process"] = one
+                log(
+                    f"model-only ceiling, {runner.dtype}, one process with torch's {torch.get_num_threads()} threads: {one}"
+                )
             if not args.quick and args.scale_images > 0:
                 large = write_photos(root / "large", images * args.scale_images)
                 result["pipeline_memory"] = pipeline_run(root / "photos", root / "out-m", args, checkpoint, memory=True)
@@ -780,7 +805,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
         # is compared with the mean of the measurements on either side of it.
         megapixels = output_mp(photos)
         for dtype in dtypes:
-            after = model_ceiling(photos, model, halo=args.halo, batch_size=batch_size, dtype=dtype)
+            after = ceiling(dtype)
             log(f"model-only ceiling, {dtype}, after the pipeline: {after}")
             ceiling = bracketed(ceilings[dtype], after, megapixels)
             rate = pipelines[dtype]["output_mp_per_s"]
@@ -865,7 +890,8 @@ def markdown(results: dict[str, object]) -> str:
                  p["naive"]["seconds"], p["naive"]["output_mp_per_s"], "", ""]]  # fmt: skip
         for dtype, r in p["runs"].items():
             c, q = r["ceiling"], r["pipeline"]
-            label = (f"model only: pre-tiled tensors, one process, {dtype} (mean of {c['seconds_before']} s before "
+            layout = "one process" if c["processes"] == 1 else f"{c['processes']} single-threaded processes"
+            label = (f"model only: pre-tiled tensors, {layout}, {dtype} (mean of {c['seconds_before']} s before "
                      f"the pipeline and {c['seconds_after']} s after)")  # fmt: skip
             rows.append([label, c["tiles"], c["seconds"], c["output_mp_per_s"], "", ""])
             rows.append([f"**pipeline, {dtype}**", q["tiles"], q["seconds"], q["output_mp_per_s"],
@@ -874,10 +900,10 @@ def markdown(results: dict[str, object]) -> str:
             q = p["cold"]
             rows.append([f"pipeline, {p['default_dtype']}, its own local Ray started inside the time", q["tiles"],
                          q["seconds"], q["output_mp_per_s"], "", ""])  # fmt: skip
-        if "ceiling_per_core" in p:
-            q = p["ceiling_per_core"]
-            rows.append([f"model only: {q['processes']} single-threaded processes, {p['default_dtype']}", q["tiles"],
-                         q["seconds"], q["output_mp_per_s"], "", ""])  # fmt: skip
+        if "ceiling_one_process" in p:
+            q = p["ceiling_one_process"]
+            rows.append([f"model only: one process, torch's threads, {p['default_dtype']}", q["tiles"], q["seconds"],
+                         q["output_mp_per_s"], "", ""])  # fmt: skip
         for key in ("pipeline_memory", "pipeline_scaled"):
             if key in p:
                 q = p[key]
