@@ -57,13 +57,26 @@ FORMATS = {
     ".jpf": "JPEG2000",
     ".heic": "HEIF",
     ".heif": "HEIF",
+    ".ppm": "PPM",  # Netpbm: colour, grey and black-and-white, all Pillow's "PPM"
+    ".pgm": "PPM",
+    ".pbm": "PPM",
+    ".pnm": "PPM",
+    ".tga": "TGA",
 }
 # Suffixes read whose outputs are named otherwise: isosr writes JPEG 2000 as a JP2 file (which holds
 # the metadata boxes), so a .j2k, .j2c, .jpx or .jpf input's output is .jp2.
 _RENAMED_SUFFIXES = {".j2k", ".j2c", ".jpx", ".jpf"}
 OUTPUT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp", "AVIF": ".avif",
                  "JPEG2000": ".jp2", "GIF": ".png"}  # fmt: skip
-_WRITTEN_AS = {"GIF": "PNG", "HEIF": "JPEG", "MPO": "JPEG"}  # formats read, not written -> the output's
+_WRITTEN_AS = {
+    "GIF": "PNG",
+    "HEIF": "JPEG",
+    "MPO": "JPEG",
+    "PPM": "PNG",
+    "TGA": "PNG",
+}  # read, not written -> the output's
+# Netpbm and TGA files are uncompressed, 16 times their input's size once upscaled, and a .pbm holds
+# black and white alone: PNG keeps their pixels (16-bit ones too) and alpha, losslessly and compressed.
 # HEIF (HEIC) in Pillow: libheif, with libde265 decoding HEVC; without the thumbnails, depth maps and
 # other auxiliary pictures a phone stores beside the photo, which isosr does not upscale.
 pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
@@ -251,7 +264,7 @@ def _decode(data: bytes, max_pixels: int | None) -> Decoded:
         raise
     except UnidentifiedImageError:
         raise DecodeError(
-            "not an image in any supported format (PNG, JPEG, WebP, TIFF, BMP, GIF, AVIF, HEIC, JPEG 2000)"
+            "not an image in any supported format (PNG, JPEG, WebP, TIFF, BMP, GIF, AVIF, HEIC, JPEG 2000, Netpbm, TGA)"
         ) from None
     except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types on hostile files
         raise DecodeError(f"not a readable image ({type(e).__name__}: {e})") from None
@@ -418,6 +431,8 @@ def _frame(data: bytes, img: Image.Image, channels: int) -> np.ndarray:
     bits (`channels`: _sixteen_bit_channels), libpng's; a JPEG 2000's of 9 to 16 bits, OpenJPEG's."""
     if img.format == "JPEG2000" and (depth := _jpeg2000_depth(data)) > 8:
         return _upright(_jpeg2000_pixels(data, img, depth), _orientation(img))
+    if img.format == "PPM" and (pixels := _netpbm_colour(data, img)) is not None:
+        return pixels
     if not channels:
         return _pillow_pixels(img)
     if img.format != "PNG":  # a TIFF tifffile could not parse (_decode)
@@ -426,6 +441,25 @@ def _frame(data: bytes, img: Image.Image, channels: int) -> np.ndarray:
         raise DecodeError("an animated PNG with 16-bit colour is not supported (its frames would lose 8 bits)")
     orientation = _orientation(img)
     return _upright(_sixteen_bit_pixels(data, img, channels), orientation)
+
+
+def _netpbm_colour(data: bytes, img: Image.Image) -> np.ndarray | None:
+    """A binary Netpbm colour file's pixels where its samples have more than 8 bits (maxval 256 to
+    65535), as HxWx3 uint16 spread over 16 bits; None for any other Netpbm file. Pillow reads such
+    colour at 8 bits (16-bit grey it keeps), and no library here reads it otherwise; the layout is
+    Netpbm's: after the header Pillow has parsed, two big-endian bytes a sample, row by row."""
+    tile = img.tile[0] if len(img.tile) == 1 else None
+    if tile is None or tile.codec_name != "ppm" or img.mode != "RGB" or not isinstance(tile.args, tuple):
+        return None
+    maxval = int(tile.args[1])
+    if maxval < 256:
+        return None
+    count = img.height * img.width * 3
+    if len(data) < tile.offset + 2 * count:
+        raise DecodeError(f"truncated: {img.width}x{img.height} 16-bit colour needs {2 * count:,} bytes of pixels")
+    samples = np.frombuffer(data, ">u2", count=count, offset=tile.offset).reshape(img.height, img.width, 3)
+    spread = (np.minimum(samples, maxval).astype(np.uint32) * 65535 + maxval // 2) // maxval  # as Pillow spreads grey
+    return spread.astype(np.uint16)
 
 
 def _jpeg2000_depth(data: bytes) -> int:

@@ -213,3 +213,39 @@ def test_a_truncated_file_is_a_decode_error(fmt: str, kept: float) -> None:
 def test_format_names_users_type_are_understood(value: str, fmt: str) -> None:
     args = build_parser().parse_args(["upscale", "src", "dst", "--format", value])
     assert args.output_format == fmt
+
+
+# ----------------------------------------------------------------------------- Netpbm and TGA
+
+
+def netpbm_colour(pixels: np.ndarray, maxval: int) -> bytes:
+    """A binary (P6) Netpbm colour file of samples up to `maxval`, two bytes each above 255."""
+    h, w, _ = pixels.shape
+    return f"P6\n# written by hand\n{w} {h}\n{maxval}\n".encode() + pixels.astype(">u2").tobytes()
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "options"),
+    [("scan.ppm", "RGB", {}), ("scan.pnm", "RGB", {}), ("page.pgm", "L", {}), ("page.pbm", "1", {}),
+     ("texture.tga", "RGBA", {"compression": "tga_rle"}), ("texture.TGA", "L", {"orientation": 1})],
+)  # fmt: skip
+def test_netpbm_and_tga_files_are_read_as_stored_and_written_as_png(name: str, mode: str, options: dict) -> None:
+    rgb = skimage.data.astronaut()[100:170, 150:240]
+    img = Image.fromarray(np.dstack([rgb, rgb[..., 0]])).convert(mode)
+    data = saved(img, "TGA" if name.lower().endswith(".tga") else "PPM", **options)
+    [frame] = decode(data, name=name).frames
+    assert np.array_equal(frame, np.asarray(img.convert("L") if mode == "1" else img))  # black and white as 0 and 255
+    assert (output_format(name), output_suffix(name, output_format(name))) == ("PNG", ".png")
+    with Image.open(io.BytesIO(encode(frame, "PNG"))) as back:
+        assert np.array_equal(np.asarray(back), frame)
+
+
+def test_sixteen_bit_netpbm_colour_keeps_its_bits_and_other_depths_are_spread() -> None:
+    rgb16 = skimage.data.astronaut()[100:170, 150:240].astype(np.uint16) * 257 + np.arange(90, dtype=np.uint16)[:, None]
+    [frame] = decode(netpbm_colour(rgb16, 65535)).frames
+    assert frame.dtype == np.uint16 and np.array_equal(frame, rgb16)  # Pillow alone would keep 8 bits
+    assert np.array_equal(imagecodecs.png_decode(encode(frame, "PNG")), rgb16)
+    ten_bit = np.array([[[0, 500, 1000]]], np.uint16)
+    assert decode(netpbm_colour(ten_bit, 1000)).frames[0].tolist() == [[[0, 32768, 65535]]]
+    with pytest.raises(DecodeError, match=r"^cut\.ppm: truncated"):
+        decode(netpbm_colour(rgb16, 65535)[:-100], name="cut.ppm")

@@ -241,6 +241,11 @@ def mixed_tree() -> dict[str, tuple[bytes, Expected]]:
             Expected("web/coffee.avif", "RGB", "AVIF"),
         ),
         "scan/archive.jp2": (encoded(Image.fromarray(grey), "JPEG2000"), Expected("scan/archive.jp2", "L", "JPEG2000")),
+        "scan/page 7.pgm": (encoded(Image.fromarray(grey), "PPM"), Expected("scan/page 7.png", "L", "PNG")),
+        "textures/decal.tga": (
+            encoded(Image.fromarray(np.dstack([rgb, alpha])), "TGA", compression="tga_rle"),
+            Expected("textures/decal.png", "RGBA", "PNG"),
+        ),
     }
 
 
