@@ -77,15 +77,26 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+# CPU features that decide the model's speed on a CPU: a model name alone ("AMD EPYC") does not tell
+# a Zen 3 without AVX-512 (bf16 autocast there 11x slower than float32) from a Zen 4 with AVX512-BF16
+# (1.8x faster), RESULTS.md.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
 def machine() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
+    cpu, family, features = platform.processor() or platform.machine(), None, []
     with contextlib.suppress(OSError):
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        cpu = fields.get("model name", cpu)
+        family = f"family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}" if fields else None
+        features = [f for f in CPU_FEATURES if f in fields.get("flags", "").split()]
     info: dict[str, object] = {
         "cpu": cpu,
+        "cpu_family": family,
+        "cpu_features": features,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -836,7 +847,10 @@ def _table(header: list[str], rows: list[list[object]]) -> list[str]:
 
 def markdown(results: dict[str, object]) -> str:
     info = results["machine"]
-    where = f"{info.get('gpu') or info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['date']}"
+    cpu = (
+        f"{info['cpu']} ({info.get('cpu_family')}; {' '.join(info.get('cpu_features') or []) or 'no AVX2 or AVX-512'})"
+    )
+    where = f"{info.get('gpu') or cpu}, {info['cores']} cores, torch {info['torch']}, {info['date']}"
     out = [f"Machine: {where}."]
     if "model" in results:
         m = results["model"]
