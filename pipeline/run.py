@@ -275,6 +275,10 @@ def build_dataset(
 ):
     """All map_batches wiring in one place: resources are set here, where the pipeline is assembled.
     `assembler`: the run's Assembler, which the readers of image shards tell how many rows they read."""
+    sharded = options.input_format in shards.SHARD_FORMATS
+    # Not on GPU actors, where a piece takes milliseconds, less than staging its bands; not for shards, of many rows.
+    if not (placement.gpus or sharded):
+        rows = spread_last(rows, placement.workers[1])
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     # The dataset's own context (a copy, so the caller's is left alone), which every stage below shares:
     # - Ray Data packs a task's outputs into blocks of up to target_max_block_size (128 MiB) before
@@ -290,17 +294,12 @@ def build_dataset(
     ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
         object_store_memory=max(OBJECT_STORE_MIN, OBJECT_STORE_PER_ACTOR * placement.workers[1])
     )
-    sharded = options.input_format in shards.SHARD_FORMATS
     decode = {
         "tile": tile,
         "scale": scale,
         "halo": options.halo,
         "max_tiles": options.max_tiles,
         "max_pixels": options.max_pixels,
-        # Fewer images than CPU model actors: each is cut into bands, where it is tall enough, so that
-        # no actor waits, for about one tile row run twice per cut (split_rows). Not on GPU actors,
-        # where a piece takes milliseconds, less than staging its bands; not for shards, of many rows.
-        "spread": 1 if placement.gpus or sharded else -(-placement.workers[1] // len(rows)),
     }
     # A quarter CPU: decoding is light. Resources unlike the model actor's (which holds 1 or 0.5) also
     # keep Ray from fusing decoding into the actor, which would pin an image's bands to it.
@@ -361,6 +360,17 @@ def build_dataset(
     return ds.map_batches(
         finish_stage, batch_size=1, batch_format="pyarrow", num_cpus=FINISH_CPUS, fn_kwargs={"scale": scale}
     )
+
+
+def spread_last(rows: list[dict[str, Any]], actors: int) -> list[dict[str, Any]]:
+    """`rows` (largest file first) with the pieces decoding cuts each image into (`spread`, decode_row's):
+    the images left after the last full round of one an actor, the smallest, are each cut into bands,
+    where tall enough, so that together they keep every CPU model actor busy (three images on two
+    actors: the third in two bands; seventeen on sixteen: the last in sixteen), instead of one actor
+    running an image while the others wait. A cut costs about one tile row run twice (split_rows)."""
+    left = len(rows) % actors
+    each = -(-actors // left) if left else 1
+    return [{**row, "spread": each if i >= len(rows) - left else 1} for i, row in enumerate(rows)]
 
 
 def off_cpu_less_nodes(nodes: list[dict[str, Any]]) -> dict[str, str] | None:

@@ -118,8 +118,8 @@ def decode_row(
     """The piece rows of one input: a loose file, read from row["source"], or a shard's row, whose
     bytes are row["payload"] (then row["out_format"] None means the decoded image's own format).
     Each frame (most images have one) is cut into pieces of about `max_tiles` tiles, and a lone
-    frame into `spread` pieces where it is tall enough (model.tiling.split_image), so that that many
-    actors can share it."""
+    frame into `spread` pieces (row["spread"] where the row says, pipeline.run.spread_last) where it
+    is tall enough (model.tiling.split_image), so that that many actors can share it."""
     started = time.perf_counter()
     try:
         if row.get("shard") is None:
@@ -132,7 +132,7 @@ def decode_row(
         out_format = row["out_format"] or output_format_of(image.format)
         if error := frames_unfit([f.shape[:2] for f in image.frames], out_format):
             raise DecodeError(error)
-        spread = spread if len(image.frames) == 1 else 1  # the frames spread already
+        spread = (row.get("spread") or spread) if len(image.frames) == 1 else 1  # the frames spread already
         pieces = [
             (index, piece)
             for index, frame in enumerate(image.frames)

@@ -665,6 +665,42 @@ def test_a_lone_image_is_shared_by_every_cpu_actor(tall: TallRuns, tiny_checkpoi
     assert [pieces("thumb.png", n) for n in (1, 2, 8)] == [1, 1, 1]
 
 
+def test_the_images_left_after_the_last_full_round_are_shared_by_every_cpu_actor(
+    tall: TallRuns, tiny_checkpoint: str
+) -> None:
+    """Three images on two CPU actors: the two larger files go one to each actor, and the last, the
+    smallest, is cut into two bands instead of running on one actor while the other waits."""
+    rng = np.random.default_rng(3)
+    for name in ("noise-a.png", "noise-b.png"):  # incompressible: larger files than tall.png
+        tall.store.put(f"three/{name}", encoded(Image.fromarray(rng.integers(0, 256, (512, 96, 3), np.uint8)), "PNG"))
+    tall.store.put("three/tall.png", (tall.store.root / "src" / "tall.png").read_bytes())
+    result = run(RunOptions(src=tall.store.uri("three"), dst=tall.store.uri("three-out"), checkpoint=tiny_checkpoint,
+                            gpus_per_worker=0, spot_check_rate=0.0))  # fmt: skip
+
+    rows = {r["key"]: r for r in result.manifest.to_pylist()}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    # Each 512 x 96 image is 9 x 2 tiles whole; the one spot check's round trip adds its own (by key
+    # hash it is a noise image here, so tall.png's count is its own pieces').
+    assert not rows["tall.png"]["spot_check"]
+    plain = {key: r["tiles"] for key, r in rows.items() if not r["spot_check"]}
+    assert plain.pop("tall.png") > 9 * 2, "not cut: the tile row on either side of a cut runs twice"
+    assert set(plain.values()) == {9 * 2}  # the noise images whole, one actor each
+    shared = np.asarray(Image.open(tall.store.root / "three-out" / "tall.png")).astype(int)
+    whole = np.asarray(Image.open(tall.store.root / "whole" / "tall.png")).astype(int)
+    assert shared.shape == whole.shape and np.abs(shared - whole).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("images", "actors", "spreads"),
+    [(3, 2, [1, 1, 2]), (8, 2, [1] * 8), (1, 2, [2]), (3, 16, [6, 6, 6]), (17, 16, [1] * 16 + [16])],
+)
+def test_only_the_images_after_the_last_full_round_are_cut(images: int, actors: int, spreads: list[int]) -> None:
+    from pipeline.run import spread_last
+
+    rows = [{"key": f"{i}.png"} for i in range(images)]
+    assert [r["spread"] for r in spread_last(rows, actors)] == spreads
+
+
 def test_at_least_one_image_is_spot_checked_at_rate_zero(tall: TallRuns) -> None:
     for result in (tall.split, tall.whole):
         checked = [r for r in result.manifest.to_pylist() if r["spot_check"]]
