@@ -4,8 +4,8 @@ types of SCHEMA, and can be called on a hand-made batch without a cluster.
 
 Rows are pieces of work. An ordinary image is one piece; an image with more tiles than
 `max_tiles` is cut into bands (model.tiling.split_rows) so that its tiles spread over every model
-actor and no worker holds more than its own output, and so is each image of a run with fewer
-images than CPU actors (`spread`); each page of a multi-page TIFF and each frame of an animation
+actor and no worker holds more than its own output, and so are the images a run has left once
+every CPU actor has had one a round (a row's `spread`, pipeline.run.spread_last); each page of a multi-page TIFF and each frame of an animation
 is one piece or more; the sink stages the pieces and one task assembles them. A row
 that failed carries status "failed" and its error through every stage.
 
@@ -113,13 +113,13 @@ def decode_stage(batch: Batch, **options: Any) -> Batch:
 
 
 def decode_row(
-    row: dict[str, Any], *, tile: int, scale: int, halo: int, max_tiles: int, max_pixels: int | None, spread: int = 1
+    row: dict[str, Any], *, tile: int, scale: int, halo: int, max_tiles: int, max_pixels: int | None
 ) -> list[dict[str, Any]]:
     """The piece rows of one input: a loose file, read from row["source"], or a shard's row, whose
     bytes are row["payload"] (then row["out_format"] None means the decoded image's own format).
     Each frame (most images have one) is cut into pieces of about `max_tiles` tiles, and a lone
-    frame into `spread` pieces (row["spread"] where the row says, pipeline.run.spread_last) where it
-    is tall enough (model.tiling.split_image), so that that many actors can share it."""
+    frame into row["spread"] pieces (default 1; pipeline.run.spread_last) where it is tall enough
+    (model.tiling.split_image), so that that many actors can share it."""
     started = time.perf_counter()
     try:
         if row.get("shard") is None:
@@ -132,7 +132,7 @@ def decode_row(
         out_format = row["out_format"] or output_format_of(image.format)
         if error := frames_unfit([f.shape[:2] for f in image.frames], out_format):
             raise DecodeError(error)
-        spread = (row.get("spread") or spread) if len(image.frames) == 1 else 1  # the frames spread already
+        spread = (row.get("spread") or 1) if len(image.frames) == 1 else 1  # the frames spread already
         pieces = [
             (index, piece)
             for index, frame in enumerate(image.frames)

@@ -658,8 +658,8 @@ def test_a_lone_image_is_shared_by_every_cpu_actor(tall: TallRuns, tiny_checkpoi
     def pieces(key: str, spread: int) -> int:
         listing = pa.Table.from_pylist([{"source": tall.store.uri(f"src/{key}"), "key": key, "size_bytes": 0,
                                          "source_version": "v", "output": "unused", "out_format": "PNG",
-                                         "spot_check": False}])  # fmt: skip
-        return decode_stage(listing, tile=64, scale=4, halo=4, max_tiles=1024, max_pixels=None, spread=spread).num_rows
+                                         "spot_check": False, "spread": spread}])  # fmt: skip
+        return decode_stage(listing, tile=64, scale=4, halo=4, max_tiles=1024, max_pixels=None).num_rows
 
     assert [pieces("tall.png", n) for n in (1, 2)] == [1, 2]
     assert [pieces("thumb.png", n) for n in (1, 2, 8)] == [1, 1, 1]
