@@ -481,6 +481,7 @@ def model_ceiling(paths: list[Path], model: DenseIsoViT, *, halo: int, batch_siz
     tiles = photo_tiles(paths, tile=model.config.tile_size, halo=halo)
     seconds = time_tiles(tiles, model, batch_size=batch_size, dtype=dtype)
     return {
+        "processes": 1,
         "tiles": len(tiles),
         "seconds": round(seconds, 2),
         "output_mp_per_s": round(output_mp(paths) / seconds, 4),
@@ -492,7 +493,7 @@ def bracketed(before: dict[str, float], after: dict[str, float], megapixels: flo
     time, and both times."""
     seconds = (before["seconds"] + after["seconds"]) / 2
     return {
-        "processes": before.get("processes", 1),
+        "processes": before["processes"],
         "tiles": before["tiles"],
         "seconds": round(seconds, 2),
         "output_mp_per_s": round(megapixels / seconds, 4),
