@@ -138,54 +138,79 @@ def plan_tiles(height: int, width: int, *, tile: int, halo: int) -> TilePlan:
 
 @dataclass(frozen=True)
 class Band:
-    """A horizontal slice of an image's work: the tile rows it runs and the output rows it owns.
+    """A horizontal slice of an image's work: tile rows of its own, and the output rows they reach.
 
-    Output rows are split where the next tile row's blend weight starts (rounded down to a multiple
-    of the scale), so a band's owned rows need only its own tile rows plus, at most, the last tile
-    row(s) of the band above: every output pixel is blended from exactly the tiles and weights of
-    the whole-image plan, and the bands' rows stacked equal the unsplit result.
+    Bands share no tile: each runs its own tile rows, once. Where two bands' tiles overlap (the
+    blend of the last tile row of one with the first of the next: `halo` * scale rows or so, rounded
+    out to whole input rows), neither band has the whole of an output row, so each hands over its
+    part of those seam rows, weighted and normalised by the whole image's weights; the two parts
+    add up to the rows as the whole image's plan blends them (join_seam). Every other output row of
+    `span` is the band's own (`out_rows`), finished.
     """
 
     tile_rows: tuple[int, int]  # [r0, r1) of plan.ys
-    out_rows: tuple[int, int]  # owned output rows, in output-image coordinates
+    out_rows: tuple[int, int]  # output rows the band finishes, in output-image coordinates
     in_rows: tuple[int, int]  # input rows the tiles read, in input-image coordinates (padding excluded)
+    span: tuple[int, int]  # output rows its tiles reach: [span[0], out_rows[0]) and [out_rows[1], span[1]) are seams
+
+    @property
+    def seams(self) -> tuple[int, int]:
+        """Output rows of the seam above the band and of the seam below it (0: none)."""
+        return self.out_rows[0] - self.span[0], self.span[1] - self.out_rows[1]
 
 
 def whole_image(plan: TilePlan, scale: int) -> Band:
-    return Band((0, len(plan.ys)), (0, scale * plan.height), (0, plan.height))
+    rows = (0, scale * plan.height)
+    return Band((0, len(plan.ys)), rows, (0, plan.height), rows)
 
 
-def split_rows(plan: TilePlan, scale: int, *, max_tiles: int, min_rows: int = 4) -> list[Band]:
+def _reach(plan: TilePlan, weights: list[np.ndarray], scale: int, r: int) -> tuple[int, int]:
+    """Output rows [first, last + 1) to which tile row `r` gives a non-zero weight."""
+    nonzero = np.flatnonzero(weights[r])
+    return scale * plan.ys[r] + int(nonzero[0]), scale * plan.ys[r] + int(nonzero[-1]) + 1
+
+
+def _bands(plan: TilePlan, scale: int, starts: list[int]) -> list[Band] | None:
+    """The bands that start at tile rows `starts` (the first 0), seams rounded out to whole input
+    rows; None where a seam would reach past a neighbour (a halo so large that a thin band's tiles
+    all overlap its neighbours')."""
+    weights = axis_weights(list(plan.ys), plan.tile, scale)
+    reach = [_reach(plan, weights, scale, r) for r in range(len(plan.ys))]
+    down = lambda row: row - row % scale
+    up = lambda row: -(-row // scale) * scale
+    bands = []
+    for r0, r1 in itertools.pairwise([*starts, len(plan.ys)]):
+        span = (down(reach[r0][0]), up(reach[r1 - 1][1]))
+        # Rows a tile of another band reaches are not the band's own. Tiles move down the image,
+        # so those of the bands above reach no further than the last of them, and below likewise.
+        own = (up(reach[r0 - 1][1]) if r0 else span[0], down(reach[r1][0]) if r1 < len(plan.ys) else span[1])
+        if not span[0] <= own[0] <= own[1] <= span[1]:
+            return None
+        bands.append(Band((r0, r1), own, (plan.ys[r0], plan.ys[r1 - 1] + plan.tile), span))
+    if any(above.span[1] > below.span[0] for above, below in zip(bands, bands[2:])):
+        return None  # a seam shared by three bands
+    return bands
+
+
+def split_rows(plan: TilePlan, scale: int, *, max_tiles: int, min_rows: int = 2) -> list[Band]:
     """Split an image with more than `max_tiles` tiles into bands of about max_tiles tiles (at least
-    `min_rows` tile rows each, bounding the rows run twice to one in min_rows). An image of one
-    tile row, or one that fits, is one band."""
+    `min_rows` tile rows each, and more where a large halo needs it). An image of fewer than
+    2 * min_rows tile rows, or one that fits, is one band. No tile runs twice."""
     n_rows, n_cols = len(plan.ys), len(plan.xs)
     if n_rows * n_cols <= max_tiles or n_rows < 2 * min_rows:
         return [whole_image(plan, scale)]
     # Only images taller than a tile get here, so there is no vertical padding to account for.
-    per_band = max(min_rows, max_tiles // n_cols)
-    weights = axis_weights(list(plan.ys), plan.tile, scale)
-    cuts = [0]
-    for r in range(per_band, n_rows - min_rows + 1, per_band):
-        first = scale * plan.ys[r] + int(np.flatnonzero(weights[r])[0])  # first output row tile r touches
-        cuts.append(first - first % scale)
-    cuts.append(scale * plan.height)
-    bands = []
-    for a, b in itertools.pairwise(cuts):
-        needed = [
-            j
-            for j, (y, w) in enumerate(zip(plan.ys, weights))
-            if w[max(a - scale * y, 0) : max(b - scale * y, 0)].any()
-        ]
-        r0, r1 = needed[0], needed[-1] + 1
-        bands.append(Band((r0, r1), (a, b), (plan.ys[r0], plan.ys[r1 - 1] + plan.tile)))
-    return bands
+    for per_band in range(max(min_rows, max_tiles // n_cols), n_rows - min_rows + 1):
+        bands = _bands(plan, scale, list(range(0, n_rows - min_rows + 1, per_band)))
+        if bands is not None:
+            return bands
+    return [whole_image(plan, scale)]
 
 
 def extract_tiles(plane: np.ndarray, plan: TilePlan, band: Band | None = None) -> np.ndarray:
     """(H, W, C) float32 plane -> (N, C, T, T) float32 tiles of `band` (default: the whole image),
     row-major. For a band, `plane` holds only the band's input rows (band.in_rows)."""
-    band = band or Band((0, len(plan.ys)), (0, 0), (0, plan.height))
+    band = band or whole_image(plan, 1)
     top, bottom, left, right = plan.pad
     if any(plan.pad):
         plane = np.pad(plane, ((top, bottom), (left, right), (0, 0)), mode="symmetric")
@@ -198,7 +223,8 @@ def extract_tiles(plane: np.ndarray, plan: TilePlan, band: Band | None = None) -
 @dataclass
 class Canvas:
     """Accumulates the weighted upscaled tiles of one plane (or one band of it); `result()`
-    normalises, crops padding and returns the owned output rows."""
+    normalises, crops padding and returns the band's own output rows, `seams()` its parts of the
+    seam rows."""
 
     plan: TilePlan
     scale: int
@@ -215,11 +241,14 @@ class Canvas:
         self.total = np.zeros((height, s * plan.padded_shape[1], self.channels), np.float32)
         self._wy = axis_weights(list(plan.ys), plan.tile, s)
         self._wx = axis_weights(list(plan.xs), plan.tile, s)
-        # Every tile of a band spans all tile columns, so the weight sum is separable: sum_y x sum_x.
+        # Normalised by the whole image's weights, over every tile row (a band's neighbours' too): a
+        # band's own rows come out as the whole image's, and its seam rows as its part of them.
+        # Every tile spans all tile columns, so the weight sum is separable: sum_y x sum_x.
         self._sum_y = np.zeros(height)
-        for iy in range(r0, r1):
-            y = s * plan.ys[iy] - self._origin
-            self._sum_y[y : y + s * plan.tile] += self._wy[iy]
+        for iy, y0 in enumerate(plan.ys):
+            y = s * y0 - self._origin
+            weights = self._wy[iy][max(-y, 0) : max(height - y, 0)]
+            self._sum_y[max(y, 0) : max(y, 0) + len(weights)] += weights
         self._sum_x = np.zeros(s * plan.padded_shape[1])
         for ix, x in enumerate(plan.xs):
             self._sum_x[s * x : s * (x + plan.tile)] += self._wx[ix]
@@ -244,16 +273,24 @@ class Canvas:
     def done(self) -> bool:
         return self.filled == len(self)
 
-    def result(self) -> np.ndarray:
-        """The owned output rows, (rows, s*W, C) float32 clipped to [0, 1]."""
-        s = self.scale
-        _, _, left, _ = self.plan.pad
-        a, b = self.band.out_rows
-        rows = slice(a + s * self.plan.pad[0] - self._origin, b + s * self.plan.pad[0] - self._origin)
+    def _normalised(self, a: int, b: int) -> np.ndarray:
+        """Output rows [a, b) (output-image coordinates), normalised, padding cropped; float32."""
+        s, (top, _, left, _) = self.scale, self.plan.pad
+        rows = slice(a + s * top - self._origin, b + s * top - self._origin)
         cols = slice(s * left, s * (left + self.plan.width))
         weight = (self._sum_y[rows, None] * self._sum_x[None, cols]).astype(np.float32)
-        out = np.divide(self.total[rows, cols], weight[..., None])  # in place below: these are large
+        return np.divide(self.total[rows, cols], weight[..., None])  # in place below: these are large
+
+    def result(self) -> np.ndarray:
+        """The band's own output rows, (rows, s*W, C) float32 clipped to [0, 1]."""
+        out = self._normalised(*self.band.out_rows)
         return np.clip(out, 0.0, 1.0, out=out)
+
+    def seams(self) -> tuple[np.ndarray, np.ndarray]:
+        """The band's parts of the seam rows above and below its own, (rows, s*W, C) float32, not
+        clipped: a seam's two parts add up to its rows (join_seam)."""
+        (a, b), (first, last) = self.band.out_rows, self.band.span
+        return self._normalised(first, a), self._normalised(b, last)
 
 
 def blend_tiles(outputs: np.ndarray, plan: TilePlan, scale: int) -> np.ndarray:
@@ -340,12 +377,43 @@ def split_image(
 ) -> list[Piece]:
     """Prepare an image and cut it into pieces of about `max_tiles` tiles (None: no limit), and into
     at least `pieces` where it is tall enough (split_rows). Upscaling the pieces and stacking their
-    rows gives the image's whole upscale."""
+    rows (stack_pieces) gives the image's whole upscale."""
     image = prepare(image)
     plan = plan_tiles(image.shape[0], image.shape[1], tile=tile, halo=halo)
     tiles = len(plan.ys) * len(plan.xs)
     bands = split_rows(plan, scale, max_tiles=min(max_tiles or tiles, -(-tiles // pieces)))
     return [Piece(image[b.in_rows[0] : b.in_rows[1]], plan, b) for b in bands]
+
+
+@dataclass(frozen=True)
+class Upscaled:
+    """What upscaling a piece gives: its own output rows, finished (the input's layout and dtype),
+    and its parts of the seams above and below them (float32, the colour plane's channels then the
+    alpha plane's; no rows where there is no seam), which join_seam adds to the neighbours' parts."""
+
+    rows: np.ndarray
+    seam_above: np.ndarray
+    seam_below: np.ndarray
+
+
+def join_seam(above: np.ndarray, below: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """A seam's rows from the parts of the band above it (its seam_below) and the band below (its
+    seam_above), in the layout and dtype of `like` (rows of either band). Equal to the whole
+    image's rows but for rounding: a value can land on the next level."""
+    both = np.add(above, below)
+    np.clip(both, 0.0, 1.0, out=both)
+    return _merge([both[..., i : i + 3] for i in range(0, both.shape[2], 3)], like)
+
+
+def stack_pieces(pieces: Iterable[Upscaled]) -> Iterator[np.ndarray]:
+    """The output rows of one image's pieces, top to bottom: each piece's own rows, and after each
+    piece but the last the seam it shares with the next. Stacked, the whole image's upscale."""
+    above = None
+    for piece in pieces:
+        if above is not None:
+            yield join_seam(above, piece.seam_above, piece.rows)
+        yield piece.rows
+        above = piece.seam_below
 
 
 @dataclass
@@ -357,14 +425,19 @@ class _Job:
     def done(self) -> bool:
         return all(c.done for c in self.canvases)
 
+    def result(self) -> Upscaled:
+        above, below = zip(*(c.seams() for c in self.canvases))
+        rows = _merge([c.result() for c in self.canvases], self.like)
+        return Upscaled(rows, np.concatenate(above, axis=2), np.concatenate(below, axis=2))
+
 
 def upscale_pieces(
     pieces: Iterable[Piece], model: TileModel, *, batch_size: int = DEFAULT_BATCH_SIZE
-) -> Iterator[np.ndarray]:
-    """Upscale pieces by model.scale, yielding each one's owned output rows (same layout and dtype)
-    in input order as soon as its last tile is blended. Tiles of consecutive pieces share batches of
-    `batch_size`; a piece is taken from `pieces` only when its tiles are needed to fill a batch.
-    If taking the next piece raises, every piece before it is delivered first, then the error."""
+) -> Iterator[Upscaled]:
+    """Upscale pieces by model.scale, yielding each one's output (Upscaled) in input order as soon
+    as its last tile is blended. Tiles of consecutive pieces share batches of `batch_size`; a piece
+    is taken from `pieces` only when its tiles are needed to fill a batch. If taking the next piece
+    raises, every piece before it is delivered first, then the error."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     jobs: deque[_Job] = deque()
@@ -376,10 +449,9 @@ def upscale_pieces(
         for (canvas, index, _), out in zip(batch, outputs):
             canvas.add(index, out)
 
-    def finished() -> Iterator[np.ndarray]:
+    def finished() -> Iterator[Upscaled]:
         while jobs and jobs[0].done:
-            job = jobs.popleft()
-            yield _merge([c.result() for c in job.canvases], job.like)
+            yield jobs.popleft().result()
 
     source = iter(pieces)
     while True:
@@ -419,7 +491,7 @@ def upscale_arrays(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     pieces = (split_image(image, tile=model.tile_size, scale=model.scale, halo=halo)[0] for image in images)
-    return upscale_pieces(pieces, model, batch_size=batch_size)
+    return (out.rows for out in upscale_pieces(pieces, model, batch_size=batch_size))
 
 
 def upscale_array(

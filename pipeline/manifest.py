@@ -35,6 +35,7 @@ SCHEMA = pa.schema(
         ("out_bytes", pa.int64()),
         ("tiles", pa.int32()),  # network tiles for this input, spot check included
         ("tiles_skipped", pa.int32()),  # of them, the flat ones that took the skip path alone
+        ("piece_count", pa.int32()),  # pieces of work: its frames, and the bands a large frame is cut into
         ("consistency_psnr", pa.float64()),  # dB: output downscaled by the degradation vs input (RGB)
         ("spot_check", pa.bool_()),  # in the round-trip sample
         ("rt_psnr_model", pa.float64()),  # dB, RGB: SR(degrade(input)) vs input

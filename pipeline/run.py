@@ -367,7 +367,8 @@ def spread_last(rows: list[dict[str, Any]], actors: int) -> list[dict[str, Any]]
     the images left after the last full round of one an actor, the smallest, are each cut into bands,
     where tall enough, so that together they keep every CPU model actor busy (three images on two
     actors: the third in two bands; seventeen on sixteen: the last in sixteen), instead of one actor
-    running an image while the others wait. A cut costs about one tile row run twice (split_rows)."""
+    running an image while the others wait. A cut runs no tile twice (split_rows); the bands are
+    stacked by one more task, which encodes the image."""
     left = len(rows) % actors
     each = -(-actors // left) if left else 1
     return [{**row, "spread": each if i >= len(rows) - left else 1} for i, row in enumerate(rows)]

@@ -9,6 +9,7 @@ DST/_isosr/runs/<run_id>/parts/, so a run that dies keeps the record of what it 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,11 +22,12 @@ import ray
 from ray.data import Datasink
 from ray.data.datasource.datasink import WriteResult
 
+from model.tiling import stack_pieces
 from pipeline import quality, shards, storage
 from pipeline.images import Metadata, encode_frames
 from pipeline.manifest import COLUMNS, FAILED, OK, table
 from pipeline.report import LOW_CONSISTENCY, Thresholds
-from pipeline.stages import RT_SCORES, unpack
+from pipeline.stages import RT_SCORES, unpack_band
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,14 +299,19 @@ def assemble(
         if failed is not None:
             raise ValueError(f"band {failed['piece_index'] + 1} of {len(parts)}: {failed['error']}")
         frames: list[np.ndarray] = []
-        for meta in parts:
-            band = unpack(storage.read_bytes(paths.staging(first["key"], int(meta["piece_index"]))))
-            if int(meta["frame"] or 0) == len(frames):  # the first band of the next frame
-                shape = (int(meta["out_height"]), int(meta["out_width"]), *band.shape[2:])
-                frames.append(np.empty(shape, band.dtype))
-                row_at = 0
-            frames[-1][row_at : row_at + band.shape[0]] = band
-            row_at += band.shape[0]
+        for _, metas in itertools.groupby(parts, key=lambda meta: int(meta["frame"] or 0)):
+            metas = list(metas)
+            staged = (
+                unpack_band(storage.read_bytes(paths.staging(first["key"], int(m["piece_index"])))) for m in metas
+            )
+            frame, row_at = None, 0
+            for rows in stack_pieces(staged):  # a band's own rows, then the seam it shares with the next
+                if frame is None:
+                    shape = (int(metas[0]["out_height"]), int(metas[0]["out_width"]), *rows.shape[2:])
+                    frame = np.empty(shape, rows.dtype)
+                frame[row_at : row_at + rows.shape[0]] = rows
+                row_at += rows.shape[0]
+            frames.append(frame)
         data = encode_frames(frames, first["out_format"], metadata=Metadata.from_row(first["meta"]))
         if first["shard"] is None:
             storage.write_atomic(first["output"], data)

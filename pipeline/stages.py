@@ -16,11 +16,14 @@ loaded with allow_pickle=False):
            written back unchanged if the row fails), carry (the rest of the row)
   decode   status, error, format, mode, frames (pages or frames in the file), in_pixels (of them
            all), width and height (of the piece's frame), meta (the output's images.Metadata),
-           decode_s, frame (the piece's), piece_index, piece_count, band (6 ints: tile rows, owned
-           output rows, input rows), pixels (array: the band's input rows), rt_lr / rt_ref
-           (arrays: the round-trip LR image and reference, piece 0 of a spot-checked image only)
-  model    out_pixels (array: the owned output rows), rt_sr (array), tiles, model_s, model_sha256
-  finish   data (the encoded image, or the band's rows as an array), out_width,
+           decode_s, frame (the piece's), piece_index, piece_count, band (8 ints: tile rows, owned
+           output rows, input rows, output rows reached; model.tiling.Band), pixels (array: the
+           band's input rows), rt_lr / rt_ref (arrays: the round-trip LR image and reference, piece
+           0 of a spot-checked image only)
+  model    out_pixels (array: the owned output rows), seam_above / seam_below (arrays: the band's
+           parts of the rows it shares with its neighbours), rt_sr (array), tiles, model_s,
+           model_sha256
+  finish   data (the encoded image, or the band's rows and seams, pack_band), out_width,
            out_height, consistency_sse, consistency_n, rt_* scores, crop_before, crop_after,
            encode_s; the pixel arrays are dropped
 """
@@ -34,7 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from model.tiling import Band, Piece, plan_tiles, split_image, upscale_pieces
+from model.tiling import Band, Piece, Upscaled, plan_tiles, split_image, upscale_pieces
 from pipeline import quality, storage
 from pipeline.images import DecodeError, Metadata, decode, encode, frames_unfit, output_format_of
 from pipeline.manifest import FAILED, OK
@@ -46,8 +49,8 @@ _STRING = ("source", "key", "source_version", "output", "out_format", "status", 
 _INT = ("size_bytes", "width", "height", "frames", "in_pixels", "frame", "piece_index", "piece_count", "tiles",
         "tiles_skipped", "consistency_n", "out_width", "out_height", "row_index")  # fmt: skip
 _FLOAT = ("decode_s", "model_s", "encode_s", "consistency_sse")
-_BINARY = ("pixels", "rt_lr", "rt_ref", "out_pixels", "rt_sr", "data", "crop_before", "crop_after", "payload",
-           "carry")  # fmt: skip
+_BINARY = ("pixels", "rt_lr", "rt_ref", "out_pixels", "seam_above", "seam_below", "rt_sr", "data", "crop_before",
+           "crop_after", "payload", "carry")  # fmt: skip
 # images.Metadata.as_row() / from_row(): what an output carries over from its input
 META = pa.struct([("icc_profile", pa.binary()), ("exif", pa.binary()), ("xmp", pa.binary()),
                   ("dpi", pa.list_(pa.float64())), ("text", pa.list_(pa.list_(pa.string()))),
@@ -62,7 +65,7 @@ SCHEMA = pa.schema(
     + [("spot_check", pa.bool_()), ("band", pa.list_(pa.int64()))]
     + [("meta", META)]
 )
-PIXEL_COLUMNS = ("pixels", "out_pixels", "rt_lr", "rt_ref", "rt_sr")
+PIXEL_COLUMNS = ("pixels", "out_pixels", "seam_above", "seam_below", "rt_lr", "rt_ref", "rt_sr")
 
 
 def pack(array: np.ndarray | None) -> bytes | None:
@@ -75,6 +78,21 @@ def pack(array: np.ndarray | None) -> bytes | None:
 
 def unpack(data: bytes | None) -> np.ndarray | None:
     return None if data is None else np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def pack_band(out: Upscaled) -> bytes:
+    """A band's output, as staged for its image's assembly: its rows, then its parts of the seams
+    above and below them, as three .npy arrays one after the other (a .npz would pass the rows,
+    often hundreds of MB, through zipfile's copy and checksum, twice)."""
+    buffer = io.BytesIO()
+    for array in (out.rows, out.seam_above, out.seam_below):
+        np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def unpack_band(data: bytes) -> Upscaled:
+    buffer = io.BytesIO(data)
+    return Upscaled(*(np.load(buffer, allow_pickle=False) for _ in range(3)))
 
 
 def _rows(batch: Batch) -> list[dict[str, Any]]:
@@ -164,7 +182,7 @@ def decode_row(
                 "height": image.frames[index].shape[0],
                 "width": image.frames[index].shape[1],
                 "piece_index": i,
-                "band": [*b.tile_rows, *b.out_rows, *b.in_rows],
+                "band": [*b.tile_rows, *b.out_rows, *b.in_rows, *b.span],
                 "pixels": pack(piece.pixels),
                 "rt_lr": pack(rt.lr) if rt and i == 0 else None,
                 "rt_ref": pack(rt.reference) if rt and i == 0 else None,
@@ -187,10 +205,12 @@ def _tiles(piece: Piece) -> int:
 
 def _band(values: Any) -> Band:
     v = [int(x) for x in values]
-    return Band((v[0], v[1]), (v[2], v[3]), (v[4], v[5]))
+    return Band((v[0], v[1]), (v[2], v[3]), (v[4], v[5]), (v[6], v[7]))
 
 
-MODEL_COLUMNS = DECODE_COLUMNS + ["out_pixels", "rt_sr", "tiles", "tiles_skipped", "model_s", "model_sha256"]
+MODEL_COLUMNS = DECODE_COLUMNS + [
+    "out_pixels", "seam_above", "seam_below", "rt_sr", "tiles", "tiles_skipped", "model_s", "model_sha256",
+]  # fmt: skip
 
 
 class TileWorker:
@@ -231,7 +251,8 @@ class TileWorker:
         work: list[tuple[dict[str, Any], str, Piece]] = []
         tile, scale = self.runner.tile_size, self.runner.scale
         for row in rows:
-            row.update(out_pixels=None, rt_sr=None, tiles=0, tiles_skipped=0, model_s=0.0, model_sha256=self.version)
+            row.update(out_pixels=None, seam_above=None, seam_below=None, rt_sr=None, tiles=0, tiles_skipped=0,
+                       model_s=0.0, model_sha256=self.version)  # fmt: skip
             if row["status"] != OK:
                 continue
             plan = plan_tiles(int(row["height"]), int(row["width"]), tile=tile, halo=self.halo)
@@ -244,7 +265,9 @@ class TileWorker:
         skipped_before = self.runner.tiles_skipped
         outputs = upscale_pieces((p for _, _, p in work), self.runner, batch_size=self.batch_size)
         for (row, column, piece), output in zip(work, outputs):
-            row[column] = pack(output)
+            row[column] = pack(output.rows)
+            if column == "out_pixels":
+                row.update(seam_above=pack(output.seam_above), seam_below=pack(output.seam_below))
             row["tiles"] += _tiles(piece)
         elapsed = time.perf_counter() - started
         skipped = self.runner.tiles_skipped - skipped_before
@@ -270,8 +293,10 @@ def _finish_row(row: dict[str, Any], scale: int) -> None:
     row.update(out_width=out.shape[1], out_height=int(row["height"]) * scale)
     if row["spot_check"] and int(row["piece_index"]) == 0:
         row["crop_before"], row["crop_after"] = crop_pair(own_input, out, scale=scale)
-    whole = int(row["piece_count"]) == 1
-    row["data"] = encode(out, row["out_format"], metadata=Metadata.from_row(row["meta"])) if whole else pack(out)
+    if int(row["piece_count"]) == 1:
+        row["data"] = encode(out, row["out_format"], metadata=Metadata.from_row(row["meta"]))
+    else:
+        row["data"] = pack_band(Upscaled(out, unpack(row["seam_above"]), unpack(row["seam_below"])))
 
 
 FINISH_COLUMNS = [c for c in MODEL_COLUMNS if c not in PIXEL_COLUMNS] + [
@@ -281,7 +306,8 @@ FINISH_COLUMNS = [c for c in MODEL_COLUMNS if c not in PIXEL_COLUMNS] + [
 
 
 def finish_stage(batch: Batch, *, scale: int) -> Batch:
-    """Quality checks and encoding, on CPU: consistency of every piece, round-trip scores, the
+    """Quality checks and encoding, on CPU: consistency of every piece's own rows (not of the few
+    rows it shares with a neighbouring band, model.tiling.Band), round-trip scores, the
     encoded output of whole images (or the raw rows of a band), before/after crops of spot checks."""
     rows = _rows(batch)
     for row in rows:

@@ -37,8 +37,11 @@ from model.tiling import (
     fill_transparent,
     plan_tiles,
     ramp,
+    split_image,
+    stack_pieces,
     upscale_array,
     upscale_arrays,
+    upscale_pieces,
 )
 
 TILE = 64
@@ -459,6 +462,43 @@ def test_shared_batches_with_batched_forward_agree_within_rounding(tiny_net: Til
         assert diff.max() <= 1 and np.mean(diff > 0) < 1e-4, (i, diff.max(), np.mean(diff > 0))
 
 
+@pytest.mark.parametrize(
+    ("shape", "dtype", "halo", "max_tiles"),
+    [
+        ((300, 130, 3), np.uint8, 4, 6),  # the default halo: 16-row seams
+        ((517, 96, 4), np.uint8, 4, 4),  # RGBA: colour and alpha planes, each with its seams
+        ((401, 70, 2), np.uint16, 8, 3),  # grey + alpha at 16 bits
+        ((260, 70), np.uint8, 28, 2),  # a halo so large that two-row bands would share a seam with three
+        ((600, 64, 3), np.uint8, 0, 3),  # no halo: abutting tiles, no seam rows at all
+    ],
+)
+def test_bands_run_each_tile_once_and_stack_as_the_whole_image(shape, dtype, halo: int, max_tiles: int) -> None:
+    """Bands share no tile: each band's own rows come out as the whole image's, and each seam, the
+    sum of two bands' parts, within one level of it (the sum rounds in another order)."""
+    image = np.random.default_rng(11).integers(0, np.iinfo(dtype).max + 1, shape).astype(dtype)
+    net = RandomConv(seed=1)
+    whole = upscale_array(image, net, halo=halo)
+    pieces = split_image(image, tile=TILE, scale=SCALE, halo=halo, max_tiles=max_tiles)
+    counted = Counting(net)
+    stacked = np.concatenate(list(stack_pieces(upscale_pieces(pieces, counted))))
+
+    plan = plan_tiles(*shape[:2], tile=TILE, halo=halo)
+    planes = 2 if len(shape) == 3 and shape[2] in (2, 4) else 1
+    assert len(pieces) >= 3 and sum(counted.batches) == len(plan) * planes  # every tile once
+    assert [p.band.tile_rows for p in pieces] == list(
+        itertools.pairwise([p.band.tile_rows[0] for p in pieces] + [len(plan.ys)])
+    )
+    assert stacked.shape == whole.shape and stacked.dtype == whole.dtype
+    seams = np.zeros(len(whole), bool)
+    for above, below in itertools.pairwise(p.band for p in pieces):
+        assert above.span[1] == below.out_rows[0] and above.out_rows[1] == below.span[0]
+        seams[below.span[0] : above.span[1]] = True
+    diff = np.abs(stacked.astype(np.int64) - whole)
+    assert diff[~seams].max() == 0
+    assert diff[seams].max(initial=0) <= 1 and np.count_nonzero(diff[seams]) <= 0.01 * diff[seams].size
+    assert seams.any() == (halo > 0)
+
+
 def test_generator_input_is_consumed_lazily() -> None:
     rng = np.random.default_rng(6)
     images = [rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8) for i in range(10)]  # 1 tile each
@@ -626,5 +666,9 @@ def test_module_exposes_the_documented_api() -> None:
         "fill_transparent",
         "upscale_arrays",
         "upscale_array",
+        "split_image",
+        "upscale_pieces",
+        "stack_pieces",
+        "join_seam",
     ):
         assert callable(getattr(tiling, name)), name
