@@ -153,11 +153,6 @@ class Band:
     in_rows: tuple[int, int]  # input rows the tiles read, in input-image coordinates (padding excluded)
     span: tuple[int, int]  # output rows its tiles reach: [span[0], out_rows[0]) and [out_rows[1], span[1]) are seams
 
-    @property
-    def seams(self) -> tuple[int, int]:
-        """Output rows of the seam above the band and of the seam below it (0: none)."""
-        return self.out_rows[0] - self.span[0], self.span[1] - self.out_rows[1]
-
 
 def whole_image(plan: TilePlan, scale: int) -> Band:
     rows = (0, scale * plan.height)
