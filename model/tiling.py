@@ -165,12 +165,10 @@ def _reach(plan: TilePlan, weights: list[np.ndarray], scale: int, r: int) -> tup
     return scale * plan.ys[r] + int(nonzero[0]), scale * plan.ys[r] + int(nonzero[-1]) + 1
 
 
-def _bands(plan: TilePlan, scale: int, starts: list[int]) -> list[Band] | None:
+def _bands(plan: TilePlan, scale: int, reach: list[tuple[int, int]], starts: list[int]) -> list[Band] | None:
     """The bands that start at tile rows `starts` (the first 0), seams rounded out to whole input
     rows; None where a seam would reach past a neighbour (a halo so large that a thin band's tiles
-    all overlap its neighbours')."""
-    weights = axis_weights(list(plan.ys), plan.tile, scale)
-    reach = [_reach(plan, weights, scale, r) for r in range(len(plan.ys))]
+    all overlap its neighbours'). `reach`: each tile row's output rows (_reach)."""
     down = lambda row: row - row % scale
     up = lambda row: -(-row // scale) * scale
     bands = []
@@ -195,8 +193,10 @@ def split_rows(plan: TilePlan, scale: int, *, max_tiles: int, min_rows: int = 2)
     if n_rows * n_cols <= max_tiles or n_rows < 2 * min_rows:
         return [whole_image(plan, scale)]
     # Only images taller than a tile get here, so there is no vertical padding to account for.
+    weights = axis_weights(list(plan.ys), plan.tile, scale)
+    reach = [_reach(plan, weights, scale, r) for r in range(n_rows)]
     for per_band in range(max(min_rows, max_tiles // n_cols), n_rows - min_rows + 1):
-        bands = _bands(plan, scale, list(range(0, n_rows - min_rows + 1, per_band)))
+        bands = _bands(plan, scale, reach, list(range(0, n_rows - min_rows + 1, per_band)))
         if bands is not None:
             return bands
     return [whole_image(plan, scale)]

@@ -23,7 +23,7 @@ loaded with allow_pickle=False):
   model    out_pixels (array: the owned output rows), seam_above / seam_below (arrays: the band's
            parts of the rows it shares with its neighbours), rt_sr (array), tiles, model_s,
            model_sha256
-  finish   data (the encoded image, or the band's rows and seams, pack_band), out_width,
+  finish   data (the encoded image, or the band's rows and seams, unpack_band), out_width,
            out_height, consistency_sse, consistency_n, rt_* scores, crop_before, crop_after,
            encode_s; the pixel arrays are dropped
 """
@@ -80,17 +80,10 @@ def unpack(data: bytes | None) -> np.ndarray | None:
     return None if data is None else np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def pack_band(out: Upscaled) -> bytes:
-    """A band's output, as staged for its image's assembly: its rows, then its parts of the seams
-    above and below them, as three .npy arrays one after the other (a .npz would pass the rows,
-    often hundreds of MB, through zipfile's copy and checksum, twice)."""
-    buffer = io.BytesIO()
-    for array in (out.rows, out.seam_above, out.seam_below):
-        np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
 def unpack_band(data: bytes) -> Upscaled:
+    """A band's output as the finish stage stages it for its image's assembly: its rows, then its
+    parts of the seams above and below them, three .npy arrays one after the other (a .npz would
+    pass the rows, often hundreds of MB, through zipfile's copy and checksum, twice)."""
     buffer = io.BytesIO(data)
     return Upscaled(*(np.load(buffer, allow_pickle=False) for _ in range(3)))
 
@@ -296,7 +289,7 @@ def _finish_row(row: dict[str, Any], scale: int) -> None:
     if int(row["piece_count"]) == 1:
         row["data"] = encode(out, row["out_format"], metadata=Metadata.from_row(row["meta"]))
     else:
-        row["data"] = pack_band(Upscaled(out, unpack(row["seam_above"]), unpack(row["seam_below"])))
+        row["data"] = row["out_pixels"] + row["seam_above"] + row["seam_below"]  # as packed: unpack_band
 
 
 FINISH_COLUMNS = [c for c in MODEL_COLUMNS if c not in PIXEL_COLUMNS] + [
