@@ -513,14 +513,31 @@ def _ceiling_share(job: tuple[str, list[str], int, int, int, int, str]) -> tuple
     return len(mine), time_tiles(np.ascontiguousarray(mine), model, batch_size=batch_size, dtype=dtype)
 
 
+@contextlib.contextmanager
+def cpu_model_environ():
+    """This process's environment, while processes started inside get the malloc settings of the
+    pipeline's CPU model actors (pipeline.stages.CPU_MODEL_TUNABLES), as Ray gives them."""
+    from pipeline.stages import CPU_MODEL_TUNABLES
+
+    before = os.environ.get("GLIBC_TUNABLES")
+    os.environ["GLIBC_TUNABLES"] = f"{CPU_MODEL_TUNABLES}:{before}" if before else CPU_MODEL_TUNABLES
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["GLIBC_TUNABLES"]
+        else:
+            os.environ["GLIBC_TUNABLES"] = before
+
+
 def parallel_ceiling(paths: list[Path], checkpoint: str, *, halo: int, batch_size: int, dtype: str) -> dict[str, float]:
     """The model alone in one single-threaded process per core, started together, each with an equal
-    share of the tiles: the pipeline's layout on CPU (one single-threaded model actor per core), with
-    no other work beside it. Where torch's threads do not scale perfectly, a stricter ceiling than one
-    process."""
+    share of the tiles: the pipeline's layout on CPU (one single-threaded model actor per core, with
+    its malloc settings), with no other work beside it. Where torch's threads do not scale perfectly,
+    a stricter ceiling than one process."""
     cores = os.cpu_count() or 1
     jobs = [(checkpoint, [str(p) for p in paths], i, cores, halo, batch_size, dtype) for i in range(cores)]
-    with multiprocessing.get_context("spawn").Pool(cores) as pool:
+    with cpu_model_environ(), multiprocessing.get_context("spawn").Pool(cores) as pool:
         shares = pool.map(_ceiling_share, jobs)
     seconds = max(s for _, s in shares)
     return {"processes": cores, "tiles": sum(t for t, _ in shares), "seconds": round(seconds, 2),

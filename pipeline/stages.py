@@ -206,6 +206,24 @@ MODEL_COLUMNS = DECODE_COLUMNS + [
 ]  # fmt: skip
 
 
+# glibc's malloc settings for a process that runs the model on a CPU (GLIBC_TUNABLES, read when the
+# process starts; other C libraries ignore it), and why: a forward batch allocates and frees
+# activations of up to ~100 MB (8 tiles' upsampling feature maps). Ray Data calls a model actor from
+# a thread of its own, and glibc serves a thread from an arena of 64 MB heaps and hands any larger
+# block straight back to the kernel when it is freed (on the main thread too, for blocks over its
+# mmap threshold of at most 32 MiB); so every batch faulted its activations' pages in again, each
+# zeroed by the kernel: ~500,000 page faults and 1.2 s of system time per 24 tiles of the full model,
+# ~20 % on top of the network's own CPU time (RESULTS.md). One arena (the main one, which can grow
+# past 64 MB), blocks of up to 256 MiB served from it, and up to 1 GiB of it kept when freed: no
+# faults after the first batch, for ~100 MB more peak memory per actor.
+CPU_MODEL_TUNABLES = ":".join(
+    ["glibc.malloc.arena_max=1", f"glibc.malloc.mmap_threshold={256 << 20}", f"glibc.malloc.trim_threshold={1 << 30}"]
+)
+# For a CPU model actor's runtime_env: Ray replaces ${GLIBC_TUNABLES} with the node's own (or nothing),
+# which comes last and so wins where it sets the same tunable.
+CPU_MODEL_ENV = {"GLIBC_TUNABLES": CPU_MODEL_TUNABLES + ":${GLIBC_TUNABLES}"}
+
+
 class TileWorker:
     """The model stage: one network per actor, loaded once; tiles of every piece in the batch (and
     of the round-trip LR images) share forward batches of `batch_size` tiles (None: the device's

@@ -148,3 +148,41 @@ def test_bf16_output_is_within_a_level_of_float32_on_a_photo():
     b = upscale_array(photo, TileUpscaler(model, device="cpu", dtype="bfloat16"))
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
     assert psnr(b, a) >= 50
+
+
+@pytest.mark.cluster
+def test_cpu_model_actors_reuse_their_memory_instead_of_faulting_it_in_every_batch(ray_local: None) -> None:
+    """A CPU model actor's malloc settings (the runtime_env pipeline.run gives it): forward batches
+    after the first take next to no page faults, where glibc's defaults fault every activation's
+    pages in again, each zeroed by the kernel (~12 % of a full-model actor's time, RESULTS.md)."""
+    import ray
+
+    from pipeline.stages import CPU_MODEL_ENV, CPU_MODEL_TUNABLES
+
+    class ForwardPasses:
+        """Forward batches of the small network, called from a thread of the actor's own as Ray
+        Data calls a model actor, and the page faults they take. (Defined here: Ray ships it by value.)"""
+
+        def __init__(self) -> None:
+            torch.set_num_threads(1)
+            torch.manual_seed(0)
+            self.model = DenseIsoViT(variant("small")).eval()
+            self.tiles = torch.rand(8, 3, 64, 64)
+
+        def faults(self, batches: int) -> tuple[int, str]:
+            import os
+            import resource
+
+            with torch.inference_mode():
+                self.model(self.tiles)  # the first batch takes its memory from the kernel in any case
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                for _ in range(batches):
+                    self.model(self.tiles)
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, os.environ.get("GLIBC_TUNABLES", "")
+
+    actor = ray.remote(num_cpus=1, max_concurrency=2)(ForwardPasses)
+    default, tuned = actor.remote(), actor.options(runtime_env={"env_vars": CPU_MODEL_ENV}).remote()
+    (default_faults, _), (tuned_faults, tunables) = ray.get([default.faults.remote(4), tuned.faults.remote(4)])
+    assert tunables == CPU_MODEL_TUNABLES + ":"  # Ray put the node's own in, none here: nothing
+    assert default_faults > 20_000, default_faults
+    assert tuned_faults < default_faults / 100, (tuned_faults, default_faults)
