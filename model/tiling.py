@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from scipy import ndimage
 
 DEFAULT_HALO = 4  # input pixels of overlap per tile side: (64 / 56)^2 = 1.31x the compute of none
 DEFAULT_BATCH_SIZE = 8  # tiles per forward pass: 4-8 is best on CPU (RESULTS.md)
@@ -313,6 +312,8 @@ def fill_transparent(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     hidden = alpha <= 0
     if not hidden.any() or hidden.all():
         return rgb
+    from scipy import ndimage  # here: importing it costs every process that imports this ~0.35 s
+
     _, (iy, ix) = ndimage.distance_transform_edt(hidden, return_indices=True)
     return rgb[iy, ix]
 
