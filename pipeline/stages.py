@@ -212,9 +212,9 @@ MODEL_COLUMNS = DECODE_COLUMNS + [
 # a thread of its own, and glibc serves a thread from an arena of 64 MB heaps and hands any larger
 # block straight back to the kernel when it is freed (on the main thread too, for blocks over its
 # mmap threshold of at most 32 MiB); so every batch faulted its activations' pages in again, each
-# zeroed by the kernel: ~500,000 page faults and 1.2 s of system time per 24 tiles of the full model,
-# ~20 % on top of the network's own CPU time (RESULTS.md). One arena (the main one, which can grow
-# past 64 MB), blocks of up to 256 MiB served from it, and up to 1 GiB of it kept when freed: no
+# zeroed by the kernel: 350,000-620,000 page faults and 1.2-1.9 s of system time per 48 tiles of the
+# full model, and 12 % more time per tile (RESULTS.md). One arena (the main one, which can grow past
+# 64 MB), blocks of up to 256 MiB served from it, and up to 1 GiB of it kept when freed: next to no
 # faults after the first batch, for ~100 MB more peak memory per actor.
 CPU_MODEL_TUNABLES = ":".join(
     ["glibc.malloc.arena_max=1", f"glibc.malloc.mmap_threshold={256 << 20}", f"glibc.malloc.trim_threshold={1 << 30}"]
