@@ -340,10 +340,11 @@ def train(args: argparse.Namespace) -> int:
     from ray.train.torch import TorchTrainer
 
     recipe = Recipe(
-        data=args.data,
-        val=args.val,
+        # Ray Train runs the loop in a folder of its own: a relative path would name nothing there.
+        data=storage.absolute(args.data),
+        val=args.val and storage.absolute(args.val),
         variant=args.variant,
-        init=args.init,
+        init=args.init and storage.absolute(args.init),
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -383,7 +384,7 @@ def train(args: argparse.Namespace) -> int:
         ),
         run_config=ray.train.RunConfig(
             name=args.name,
-            storage_path=args.storage,
+            storage_path=storage.absolute(args.storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )

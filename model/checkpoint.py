@@ -33,7 +33,12 @@ class CheckpointError(ValueError):
 
     def __init__(self, uri: str, problem: str) -> None:
         super().__init__(f"checkpoint {uri}: {problem}")
-        self.uri = uri
+        self.uri, self.problem = uri, problem
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Raised in a Ray worker (a model actor, a training worker), it is pickled to reach the driver;
+        # unpickling calls the class with `args`, here the message alone, which this __init__ refuses.
+        return type(self), (self.uri, self.problem)
 
 
 @dataclass(frozen=True)

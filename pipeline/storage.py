@@ -63,6 +63,12 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(uri)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute against this process's working folder; any other URI as it is. For
+    URIs handed to processes that may run elsewhere (Ray Train runs its workers in a folder of its own)."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def list_inputs(
     src: str,
     *,

@@ -281,6 +281,16 @@ def test_checkpoint_error_is_a_value_error() -> None:
     assert "some/uri" in str(e) and "a problem" in str(e)
 
 
+def test_a_checkpoint_error_raised_in_a_ray_worker_reaches_the_driver_intact() -> None:
+    """Ray pickles a worker's exception for the driver; unpickling one that Python rebuilt from its
+    message alone failed with a TypeError that hid the file and the problem."""
+    import pickle
+
+    e = pickle.loads(pickle.dumps(CheckpointError("ckpt/tiny.safetensors", "no such file")))
+    assert type(e) is CheckpointError and e.uri == "ckpt/tiny.safetensors" and e.problem == "no such file"
+    assert str(e) == "checkpoint ckpt/tiny.safetensors: no such file"
+
+
 def test_missing_file_local(tmp_path: Path) -> None:
     uri = str(tmp_path / "nope.safetensors")
     with raises_checkpoint_error(uri, "no such file"):

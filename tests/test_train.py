@@ -145,15 +145,17 @@ def test_training_lowers_the_loss_resumes_after_sigkill_and_ships_a_checkpoint(
     photo_folders: tuple[Path, Path], tiny_checkpoint: str, tmp_path: Path
 ) -> None:
     """Fine-tunes the tiny variant from a checkpoint whose residual is noise (the untrained network
-    is exactly bilinear, and a few steps cannot beat that; they can remove noise)."""
+    is exactly bilinear, and a few steps cannot beat that; they can remove noise). Every path is given
+    relative to the command's working folder, as a user types them: Ray Train runs the loop in a
+    folder of its own, where they name nothing unless the job makes them absolute first."""
     data, val = photo_folders
     storage = tmp_path / "runs"
     env = {**os.environ, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    command = _train_command(*(Path(os.path.relpath(p, tmp_path)) for p in (data, val, storage, tiny_checkpoint)))
 
     # Run 1: SIGKILLed (driver, Ray and all) once its first checkpoint is on storage.
     first = subprocess.Popen(
-        _train_command(data, val, storage, tiny_checkpoint), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        start_new_session=True,
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 240
     while not _registered(storage) and first.poll() is None and time.monotonic() < deadline:
@@ -166,8 +168,7 @@ def test_training_lowers_the_loss_resumes_after_sigkill_and_ships_a_checkpoint(
     # Run 2: the same command resumes from the latest checkpoint and finishes.
     export = tmp_path / "exported.safetensors"
     second = subprocess.run(
-        [*_train_command(data, val, storage, tiny_checkpoint), "--export", str(export)], capture_output=True, text=True, env=env,
-        timeout=400, check=False,
+        [*command, "--export", str(export)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=400, check=False,
     )  # fmt: skip
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-3000:]
@@ -178,7 +179,7 @@ def test_training_lowers_the_loss_resumes_after_sigkill_and_ships_a_checkpoint(
     steps_run = [int(s) for s in re.findall(r"step (\d+)/40", log)]
     assert steps_run and min(steps_run) > killed_at and max(steps_run) == 40  # nothing redone, all done
     assert "validation PSNR-Y" in log
-    assert f"fine-tuning {tiny_checkpoint}" in log  # --init reached the recipe the workers train
+    assert f"fine-tuning {tiny_checkpoint}" in log  # --init reached the recipe the workers train, made absolute
 
     # Training went on from the checkpoint: the final EMA weights beat the noisy starting point.
     train_photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(data.glob("*.png"))]
