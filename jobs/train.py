@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.config import variant
+from model.config import variant, variant_name
 from model.inference import TileUpscaler
 from model.metrics import bicubic_downscale, bicubic_downscale_array, modcrop, psnr
 from model.network import DenseIsoViT, precision
@@ -339,12 +339,21 @@ def train(args: argparse.Namespace) -> int:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # Ray Train runs the loop in a folder of its own, where a relative path would name nothing: every
+    # local path is made absolute here.
+    init = args.init and storage.absolute(args.init)
+    # A bad checkpoint, or an unknown variant name, fails here, before Ray starts. A fine-tuned model
+    # is the checkpoint's variant, whatever --variant says: the recipe logged and stored says so.
+    if init:
+        model_variant = variant_name(load_checkpoint(init).config)
+    else:
+        variant(args.variant)
+        model_variant = args.variant
     recipe = Recipe(
-        # Ray Train runs the loop in a folder of its own: a relative path would name nothing there.
         data=storage.absolute(args.data),
         val=args.val and storage.absolute(args.val),
-        variant=args.variant,
-        init=args.init and storage.absolute(args.init),
+        variant=model_variant,
+        init=init,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -356,10 +365,6 @@ def train(args: argparse.Namespace) -> int:
         val_max_side=args.val_max_side,
         seed=args.seed,
     )
-    if recipe.init:
-        load_checkpoint(recipe.init)  # a bad checkpoint fails here, naming the file, before Ray starts
-    else:
-        variant(recipe.variant)  # so does an unknown variant name
     inputs = storage.list_inputs(recipe.data)
     if not inputs:
         raise SystemExit(f"no images under {recipe.data}")

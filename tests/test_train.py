@@ -180,6 +180,7 @@ def test_training_lowers_the_loss_resumes_after_sigkill_and_ships_a_checkpoint(
     assert steps_run and min(steps_run) > killed_at and max(steps_run) == 40  # nothing redone, all done
     assert "validation PSNR-Y" in log
     assert f"fine-tuning {tiny_checkpoint}" in log  # --init reached the recipe the workers train, made absolute
+    assert '"variant": "tiny"' in log  # the recipe names the checkpoint's variant, not --variant's default
 
     # Training went on from the checkpoint: the final EMA weights beat the noisy starting point.
     train_photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(data.glob("*.png"))]
