@@ -64,9 +64,11 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def absolute(uri: str) -> str:
-    """A local path made absolute against this process's working folder; any other URI as it is. For
-    URIs handed to processes that may run elsewhere (Ray Train runs its workers in a folder of its own)."""
-    return uri if "://" in uri else os.path.abspath(uri)
+    """A local path made absolute against this process's working folder (as `filesystem` makes it);
+    any other URI as it is. For URIs handed to processes that may run elsewhere (Ray Train runs its
+    workers in a folder of its own)."""
+    fs, path = filesystem(uri)
+    return os.path.normpath(path) if _is_local(fs) else uri  # fsspec leaves ".." segments in
 
 
 def list_inputs(
