@@ -203,11 +203,13 @@ def bench_model(args: argparse.Namespace, info: dict[str, object]) -> dict[str, 
 
 # --- codecs ----------------------------------------------------------------------------------------
 
-# (label, Pillow format, save options); the first of each format is what isosr writes (images.encode).
+# (label, Pillow format, save options: None for isosr's own writer, pipeline.images.encode); the first of
+# each format is what isosr writes.
 ENCODERS = (
-    ("PNG, zlib level 1 (isosr)", "PNG", {"compress_level": 1}),
-    ("PNG, level 3", "PNG", {"compress_level": 3}),
-    ("PNG, level 6 (Pillow's default)", "PNG", {"compress_level": 6}),
+    ("PNG, libpng: Paeth filter, zlib's RLE, level 1 (isosr)", "PNG", None),  # pipeline.images.encode
+    ("PNG, Pillow, zlib level 1", "PNG", {"compress_level": 1}),
+    ("PNG, Pillow, level 3", "PNG", {"compress_level": 3}),
+    ("PNG, Pillow, level 6 (Pillow's default)", "PNG", {"compress_level": 6}),
     ("JPEG q95 (isosr)", "JPEG", {"quality": 95}),
     ("WebP q95, method 4 (isosr)", "WEBP", {"quality": 95}),
     ("WebP q95, method 0", "WEBP", {"quality": 95, "method": 0}),
@@ -243,7 +245,7 @@ def bench_codecs(args: argparse.Namespace) -> dict[str, object]:
     import pillow_heif
     from PIL import AvifImagePlugin
 
-    import pipeline.images  # noqa: F401 - registers pillow-heif's HEIF codec with Pillow
+    import pipeline.images  # also registers pillow-heif's HEIF codec with Pillow
 
     AvifImagePlugin.DEFAULT_MAX_THREADS, pillow_heif.options.DECODE_THREADS = 1, 1
     pixels = output_like_photo(args.quick)
@@ -257,7 +259,10 @@ def bench_codecs(args: argparse.Namespace) -> dict[str, object]:
         def encode(fmt=fmt, options=options, buffer=buffer) -> None:
             buffer.seek(0)
             buffer.truncate()
-            image.save(buffer, format=fmt, **options)
+            if options is None:  # isosr's own writer
+                buffer.write(pipeline.images.encode(pixels, fmt))
+            else:
+                image.save(buffer, format=fmt, **options)
 
         encode_s = _timed(encode, repeats)
         data = buffer.getvalue()
@@ -546,12 +551,11 @@ def parallel_ceiling(paths: list[Path], checkpoint: str, *, halo: int, batch_siz
 
 def naive_run(paths: list[Path], out: Path, model: DenseIsoViT, *, halo: int, device: str | None) -> dict[str, float]:
     """The naive baseline: one process, each image read with Pillow, its tiles run one at a time
-    (batch 1; the same tiler and halo), written with Pillow (PNG at isosr's zlib level, so encoding
-    costs the same). As Real-ESRGAN runs: float32 on CPU, half precision (here bf16) on a GPU.
-    Model loaded before the clock starts."""
+    (batch 1; the same tiler and halo), written with Pillow's PNG encoder at zlib level 1 (isosr's own
+    PNG writer is ~2x faster: "codecs"). As Real-ESRGAN runs: float32 on CPU, half precision (here
+    bf16) on a GPU. Model loaded before the clock starts."""
     from model.inference import TileUpscaler
     from model.tiling import upscale_array
-    from pipeline.images import PNG_COMPRESS_LEVEL
 
     runner = TileUpscaler(model, device=device, dtype="float32" if pick_device(device).type == "cpu" else "auto")
     out.mkdir(parents=True, exist_ok=True)
@@ -560,7 +564,7 @@ def naive_run(paths: list[Path], out: Path, model: DenseIsoViT, *, halo: int, de
     for path in paths:
         pixels = np.asarray(Image.open(path))
         result = upscale_array(pixels, runner, halo=halo, batch_size=1)
-        Image.fromarray(result).save(out / path.name, compress_level=PNG_COMPRESS_LEVEL)
+        Image.fromarray(result).save(out / path.name, compress_level=1)
     seconds = time.perf_counter() - start
     return {
         "images": len(paths),
@@ -745,12 +749,19 @@ def bench_shards(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+class _Identity:
+    def __call__(self, batch):
+        return batch
+
+
 def warm_up_ray_data() -> None:
-    """Start what Ray Data starts once per cluster (its detached stats and autoscaling actors), as
-    on a cluster that has run a job before: the timed runs then pay only for their own actors."""
+    """Start what Ray Data starts once per cluster (its detached stats and autoscaling actors, and the
+    ActorLocationTracker that an actor pool starts), as on a cluster that has run a job before: the
+    timed runs then pay only for their own actors."""
     import ray
 
-    ray.data.range(2).map_batches(lambda batch: batch, batch_format="pyarrow").materialize()
+    ds = ray.data.range(2).map_batches(lambda batch: batch, batch_format="pyarrow")
+    ds.map_batches(_Identity, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1)).materialize()
 
 
 def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:

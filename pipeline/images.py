@@ -5,8 +5,10 @@ Decoding applies the EXIF orientation and maps every Pillow mode to one of the t
   1 -> L; P -> RGBA if it has transparency, else RGB; PA -> RGBA; CMYK, YCbCr, LAB, HSV -> RGB.
 16-bit colour and 16-bit grey with alpha (PNG, TIFF, JPEG 2000) -> HxWx2, x3 or x4 uint16: Pillow
 has no mode for them (it reads them as 8 bits and writes none), so libpng, OpenJPEG (imagecodecs)
-and tifffile read and write their pixels, and Pillow the rest of the file (_sixteen_bit). tifffile reads every 9- to 16-bit grey
-or RGB TIFF page (_tiff_pixels), whatever its layout; Pillow the other pages, and the metadata.
+and tifffile read and write their pixels, and Pillow the rest of the file (_png, _sixteen_bit). tifffile reads every
+9- to 16-bit grey or RGB TIFF page (_tiff_pixels), whatever its layout; Pillow the other pages, and the metadata.
+Every PNG isosr writes of one picture, at 8 bits too, has its pixels encoded by libpng (_png: faster than Pillow's
+encoder, for smaller files).
 What describes the photo travels with it (Metadata): the ICC profile, so the output keeps the
 input's colours (a CMYK photo is converted by its profile into sRGB: _cmyk_to_srgb); EXIF and XMP
 (camera, dates, GPS, author, copyright); the resolution; PNG text.
@@ -823,6 +825,8 @@ def encode(pixels: np.ndarray, fmt: str, *, metadata: Metadata | None = None, qu
     metadata = _profile_fitted(metadata, grey=pixels.ndim == 2 or pixels.shape[2] == 2)
     if pixels.dtype == np.uint16 and fmt in ("JPEG", "WEBP", "BMP", "AVIF"):
         pixels = (pixels // 257).astype(np.uint8)
+    if fmt == "PNG":
+        return _png(pixels, metadata)
     if pixels.dtype == np.uint16 and pixels.ndim == 3:
         return _sixteen_bit(pixels, fmt, metadata)
     img = Image.fromarray(pixels)
@@ -832,11 +836,6 @@ def encode(pixels: np.ndarray, fmt: str, *, metadata: Metadata | None = None, qu
     options: dict[str, Any] = {}
     if fmt in ("JPEG", "WEBP", "AVIF"):
         options["quality"] = quality
-    if fmt == "PNG":
-        # zlib level 1: 5x faster than Pillow's default 6 and 1.5x faster than 3, for files 13 % and
-        # 4 % larger (jobs/bench.py codecs, RESULTS.md). Encoding 16x the input's pixels is the CPU
-        # stage that binds beside a GPU; PNG stays lossless at any level.
-        options["compress_level"] = PNG_COMPRESS_LEVEL
     data = _save(img, fmt, options, metadata)
     if fmt == "JPEG" and metadata and metadata.iptc:
         return _with_iptc(data, metadata.iptc)
@@ -924,27 +923,34 @@ def _save(img: Image.Image, fmt: str, options: dict[str, Any], metadata: Metadat
     return buffer.getvalue()
 
 
+def _png(pixels: np.ndarray, metadata: Metadata | None) -> bytes:
+    """Grey or colour, with or without alpha, at 8 or 16 bits, as a PNG with `metadata`: libpng
+    (imagecodecs) encodes the pixels, and the chunks Pillow writes for the metadata (of a 1x1 image
+    of the same layout) go in beside them. Pillow holds 16-bit colour in no mode, and its own encoder
+    tries every filter on every row: libpng with the Paeth filter alone and zlib's run-length
+    strategy, at level 1, writes a photo upscaled x4 about 2x as fast as Pillow at level 1, in 13-16 %
+    fewer bytes (fewer than Pillow's default level 6 too; RESULTS.md, "Decode and encode"). Encoding
+    16x the input's pixels is the stage that binds beside a GPU; PNG stays lossless at any setting."""
+    mode = "L" if pixels.ndim == 2 else {2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
+    chunks = _png_chunks(_save(Image.new(mode, (1, 1)), "PNG", {}, metadata))
+    if not pixels.flags.c_contiguous or min(pixels.strides) <= 0:  # libpng takes rows in order,
+        pixels = pixels.copy()  # as numpy says a 1x1 view is C-ordered whatever its strides
+    pixels_png = imagecodecs.png_encode(
+        pixels, level=PNG_COMPRESS_LEVEL, filter=imagecodecs.PNG.FILTER.PAETH, strategy=imagecodecs.PNG.STRATEGY.RLE
+    )
+    ancillary = b"".join(c for kind, c in chunks if kind not in (b"IHDR", b"IDAT", b"IEND"))
+    header = _png_chunks(pixels_png)[0][1]  # IHDR comes first
+    return pixels_png[:8] + header + ancillary + pixels_png[8 + len(header) :]
+
+
 def _sixteen_bit(pixels: np.ndarray, fmt: str, metadata: Metadata | None) -> bytes:
-    """16-bit colour, or grey with alpha (HxWx2, x3, x4 uint16), as a PNG, TIFF or JPEG 2000 with `metadata`.
-    Pillow holds such pixels in no mode, but writes every metadata block isosr carries: libpng
-    (imagecodecs) encodes a PNG's pixels, and the chunks Pillow writes for the metadata go in
-    beside them; a TIFF is Pillow's own, written from the 8-bit image, with its strips rewritten
-    at 16 bits and the tags that say so changed by tifffile."""
+    """16-bit colour, or grey with alpha (HxWx2, x3, x4 uint16), as a TIFF or JPEG 2000 with
+    `metadata`. Pillow holds such pixels in no mode, but writes every metadata block isosr carries: a
+    TIFF is Pillow's own, written from the 8-bit image, with its strips rewritten at 16 bits and the
+    tags that say so changed by tifffile."""
     mode = {2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
     if fmt == "JPEG2000":  # OpenJPEG, lossless (Pillow writes 16-bit grey alone)
         return _jp2_with(imagecodecs.jpeg2k_encode(np.ascontiguousarray(pixels), level=0, codecformat="jp2"), metadata)
-    if fmt == "PNG":
-        chunks = _png_chunks(_save(Image.new(mode, (1, 1)), "PNG", {}, metadata))
-        if not pixels.flags.c_contiguous or min(pixels.strides) <= 0:  # libpng takes rows in order, as numpy
-            pixels = pixels.copy()  # says a 1x1 view is C-ordered whatever its strides
-        # The Sub filter and zlib's run-length strategy: 2.8x faster than libpng's defaults for a file 3 %
-        # larger, on a 2048x2048 16-bit upscale (RESULTS.md), as level 1 for 8 bits.
-        pixels_png = imagecodecs.png_encode(
-            pixels, level=PNG_COMPRESS_LEVEL, filter=imagecodecs.PNG.FILTER.SUB, strategy=imagecodecs.PNG.STRATEGY.RLE
-        )
-        ancillary = b"".join(c for kind, c in chunks if kind not in (b"IHDR", b"IDAT", b"IEND"))
-        header = _png_chunks(pixels_png)[0][1]  # IHDR comes first
-        return pixels_png[:8] + header + ancillary + pixels_png[8 + len(header) :]
     tiff = io.BytesIO(_save(Image.fromarray((pixels >> 8).astype(np.uint8), mode), "TIFF", {}, metadata))
     with tifffile.TiffFile(tiff) as tif:
         page, order = tif.pages[0], tif.byteorder
