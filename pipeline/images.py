@@ -808,6 +808,7 @@ def _profile_fitted(metadata: Metadata | None, grey: bool) -> Metadata | None:
 
 _MAX_SIDE = {"WEBP": 16383, "JPEG": 65535}  # the formats' own limits
 PNG_COMPRESS_LEVEL = 1
+LIBPNG_MAX_SIDE = 1_000_000  # libpng's default user limit, which it applies when writing too; PNG's own is 2**31 - 1
 # libaom's fastest: 7-14x faster than Pillow's default speed 6 (which encodes 1.2-1.5 MP/s a core,
 # 10x slower than any other output), for files 14-18 % larger and 0.2-0.4 dB lower at quality 95
 # (four photos, RESULTS.md). AVIF at speed 6 would bind a GPU node's encoding many times over.
@@ -932,6 +933,14 @@ def _png(pixels: np.ndarray, metadata: Metadata | None) -> bytes:
     fewer bytes (fewer than Pillow's default level 6 too; RESULTS.md, "Decode and encode"). Encoding
     16x the input's pixels is the stage that binds beside a GPU; PNG stays lossless at any setting."""
     mode = "L" if pixels.ndim == 2 else {2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
+    if max(pixels.shape[:2]) > LIBPNG_MAX_SIDE:  # libpng refuses such an image ("Invalid IHDR data")
+        if pixels.dtype == np.uint16 and pixels.ndim == 3:
+            h, w = pixels.shape[:2]
+            raise ValueError(
+                f"a 16-bit colour PNG of {w}x{h} pixels: libpng, its only writer here, takes at most "
+                f"{LIBPNG_MAX_SIDE:,} pixels per side; choose --format tiff"
+            )
+        return _save(Image.fromarray(pixels), "PNG", {"compress_level": PNG_COMPRESS_LEVEL}, metadata)
     chunks = _png_chunks(_save(Image.new(mode, (1, 1)), "PNG", {}, metadata))
     if not pixels.flags.c_contiguous or min(pixels.strides) <= 0:  # libpng takes rows in order,
         pixels = pixels.copy()  # as numpy says a 1x1 view is C-ordered whatever its strides

@@ -179,3 +179,15 @@ def test_png_outputs_are_written_faster_and_smaller_than_by_pillows_encoder() ->
     print(f"Pillow {theirs_s:.3f} s, {len(theirs)} bytes; isosr {ours_s:.3f} s, {len(ours)} bytes")
     assert theirs_s / ours_s >= 1.3, (theirs_s, ours_s)
     np.testing.assert_array_equal(decode(ours).pixels, pixels)
+
+
+def test_a_png_wider_than_libpng_takes_is_still_written() -> None:
+    """libpng writes at most 1,000,000 pixels a side; PNG holds 2**31 - 1. A panorama of 250,001
+    pixels upscaled x4 is 1,000,004 wide: Pillow's encoder writes it instead, and a 16-bit colour one,
+    which only libpng writes, is refused with what to do, not libpng's "Invalid IHDR data"."""
+    wide = np.random.default_rng(0).integers(0, 256, (2, 1_000_004, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(decode(encode(wide, "PNG")).pixels, wide)
+    tall = np.ascontiguousarray(wide[..., 0].T)  # 1,000,004 x 2 grey
+    np.testing.assert_array_equal(decode(encode(tall, "PNG")).pixels, tall)
+    with pytest.raises(ValueError, match=r"at most 1,000,000 pixels per side; choose --format tiff"):
+        encode(wide.astype(np.uint16) * 257, "PNG")
