@@ -944,9 +944,21 @@ def _png(pixels: np.ndarray, metadata: Metadata | None) -> bytes:
     chunks = _png_chunks(_save(Image.new(mode, (1, 1)), "PNG", {}, metadata))
     if not pixels.flags.c_contiguous or min(pixels.strides) <= 0:  # libpng takes rows in order,
         pixels = pixels.copy()  # as numpy says a 1x1 view is C-ordered whatever its strides
-    pixels_png = imagecodecs.png_encode(
-        pixels, level=PNG_COMPRESS_LEVEL, filter=imagecodecs.PNG.FILTER.PAETH, strategy=imagecodecs.PNG.STRATEGY.RLE
-    )
+    options = {
+        "level": PNG_COMPRESS_LEVEL,
+        "filter": imagecodecs.PNG.FILTER.PAETH,
+        "strategy": imagecodecs.PNG.STRATEGY.RLE,
+    }
+    try:
+        pixels_png = imagecodecs.png_encode(pixels, **options)
+    except imagecodecs.PngError as e:
+        # imagecodecs guesses the file's size from the pixels' and fails where a small incompressible
+        # image comes out larger ("output stream too small": a noisy column 151x1, whose rows are a
+        # filter byte and 2 bytes each). Then it gets deflate's own bound: the rows stored, 1 % and headers.
+        if "too small" not in str(e):
+            raise
+        stored = pixels.shape[0] + pixels.nbytes  # a filter byte a row
+        pixels_png = imagecodecs.png_encode(pixels, **options, out=stored + stored // 100 + 4096)
     ancillary = b"".join(c for kind, c in chunks if kind not in (b"IHDR", b"IDAT", b"IEND"))
     header = _png_chunks(pixels_png)[0][1]  # IHDR comes first
     return pixels_png[:8] + header + ancillary + pixels_png[8 + len(header) :]

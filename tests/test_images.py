@@ -191,3 +191,13 @@ def test_a_png_wider_than_libpng_takes_is_still_written() -> None:
     np.testing.assert_array_equal(decode(encode(tall, "PNG")).pixels, tall)
     with pytest.raises(ValueError, match=r"at most 1,000,000 pixels per side; choose --format tiff"):
         encode(wide.astype(np.uint16) * 257, "PNG")
+
+
+@pytest.mark.parametrize("shape", [(300, 1), (151, 1, 2), (200, 1, 2), (300, 1, 3), (77, 3, 4)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_a_narrow_column_of_noise_is_written(shape: tuple[int, ...], dtype: type) -> None:
+    """Found by tests/test_fuzz.py: imagecodecs sizes the file it writes from the pixels, and a small
+    incompressible image (a filter byte for every 2 bytes of a row) came out larger than that:
+    "png_write_data_fn output stream too small", for an image Pillow had written."""
+    pixels = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
+    np.testing.assert_array_equal(decode(encode(pixels, "PNG")).pixels, pixels)
