@@ -750,6 +750,8 @@ def bench_shards(args: argparse.Namespace) -> dict[str, object]:
 
 
 class _Identity:
+    """A stage run by an actor pool that changes nothing (warm_up_ray_data)."""
+
     def __call__(self, batch):
         return batch
 
