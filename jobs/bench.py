@@ -849,12 +849,13 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
         for dtype in dtypes:
             after = ceiling(dtype)
             log(f"model-only ceiling, {dtype}, after the pipeline: {after}")
-            ceiling = bracketed(ceilings[dtype], after, megapixels)
+            # (Not named `ceiling`, the function above: that name bound to a dict broke the next dtype.)
+            both = bracketed(ceilings[dtype], after, megapixels)
             rate = pipelines[dtype]["output_mp_per_s"]
             result["runs"][dtype] = {
-                "ceiling": ceiling,
+                "ceiling": both,
                 "pipeline": pipelines[dtype],
-                "pipeline_vs_ceiling": round(rate / ceiling["output_mp_per_s"], 3),
+                "pipeline_vs_ceiling": round(rate / both["output_mp_per_s"], 3),
                 "pipeline_vs_naive": round(rate / result["naive"]["output_mp_per_s"], 3),
             }
         result["max_pixel_difference_vs_naive"] = max_difference(root / "out-naive", root / "out-float32")
