@@ -41,6 +41,7 @@ MAX_REPORT_CROPS = 12
 FINISH_CPUS = 0.5  # quality checks + encoding (and the writes fused with them), per task
 ROW_BLOCK_BYTES = 1  # Ray Data blocks: each a batch a stage returned or yielded (see build_dataset)
 READ_AHEAD_PER_ACTOR = 4  # shard rows read and not yet staged, per model actor (Assembler.may_read)
+LAST_ROUND_BANDS = 4  # bands of each image in a run's last round on CPU actors (spread_last)
 OBJECT_STORE_MIN, OBJECT_STORE_PER_ACTOR = 2**30, 512 * 2**20  # the run's object-store budget (build_dataset)
 
 
@@ -366,15 +367,28 @@ def build_dataset(
 
 
 def spread_last(rows: list[dict[str, Any]], actors: int) -> list[dict[str, Any]]:
-    """`rows` (largest file first) with the pieces decoding cuts each image into (`spread`, decode_row's):
-    the images left after the last full round of one an actor, the smallest, are each cut into bands,
-    where tall enough, so that together they keep every CPU model actor busy (three images on two
-    actors: the third in two bands; seventeen on sixteen: the last in sixteen), instead of one actor
-    running an image while the others wait. A cut runs no tile twice (split_rows); the bands are
-    stacked by one more task, which encodes the image."""
+    """`rows` (largest file first) with the pieces decoding cuts each image into (`spread`, decode_row's),
+    so that the CPU model actors end together instead of one running an image while the others wait:
+    - the images left after the last full round of one an actor, the smallest, are each cut into
+      bands, where tall enough, that together keep every actor busy (three images on two actors: the
+      third in two bands; seventeen on sixteen: the last in sixteen);
+    - the last round's images (the last `actors` of them) are each cut into LAST_ROUND_BANDS at least:
+      the actors reach that round at different times, and one that ends early then takes a quarter of
+      an image instead of waiting for the others' whole ones, so that the last actor ends at most a
+      quarter of a small image after the first (eight images on two actors: the last two in four).
+    A cut runs no tile twice (split_rows); the bands are stacked by one more task, which encodes the
+    image. One actor: nothing is cut."""
+    if actors < 2:
+        return [{**row, "spread": 1} for row in rows]
     left = len(rows) % actors
     each = -(-actors // left) if left else 1
-    return [{**row, "spread": each if i >= len(rows) - left else 1} for i, row in enumerate(rows)]
+
+    def spread(i: int) -> int:
+        if i >= len(rows) - left:
+            return max(each, LAST_ROUND_BANDS)
+        return LAST_ROUND_BANDS if i >= len(rows) - actors else 1
+
+    return [{**row, "spread": spread(i)} for i, row in enumerate(rows)]
 
 
 def off_cpu_less_nodes(nodes: list[dict[str, Any]]) -> dict[str, str] | None:

@@ -4,8 +4,8 @@ types of SCHEMA, and can be called on a hand-made batch without a cluster.
 
 Rows are pieces of work. An ordinary image is one piece; an image with more tiles than
 `max_tiles` is cut into bands (model.tiling.split_rows) so that its tiles spread over every model
-actor and no worker holds more than its own output, and so are the images a run has left once
-every CPU actor has had one a round (a row's `spread`, pipeline.run.spread_last); each page of a multi-page TIFF and each frame of an animation
+actor and no worker holds more than its own output, and so are a run's last images on CPU actors,
+so that the actors end together (a row's `spread`, pipeline.run.spread_last); each page of a multi-page TIFF and each frame of an animation
 is one piece or more; the sink stages the pieces and one task assembles them. A row
 that failed carries status "failed" and its error through every stage.
 

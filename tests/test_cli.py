@@ -164,7 +164,7 @@ def test_outputs_keep_what_describes_the_photo_and_are_upright(
     scan.update({0x013B: "Scanner operator", 0x0112: 1})
     Image.fromarray(photo(20, 30)[..., 0]).save(src / "scan.tif", exif=scan, dpi=(600, 600))
     assert main(["upscale", str(src), str(tmp_path / "dst"), "--checkpoint", tiny_checkpoint]) == EXIT_OK
-    # The phone photo alone, as TIFF: on 2 CPU actors it is cut into two bands, which the sink stacks.
+    # The phone photo alone, as TIFF: on 2 CPU actors it is cut into bands, which the sink stacks.
     alone = ["upscale", str(src / "phone.jpg"), str(tmp_path / "alone"), "--checkpoint", tiny_checkpoint]
     assert main([*alone, "--gpus-per-worker", "0", "--format", "tiff"]) == EXIT_OK
     phone = {}
@@ -172,7 +172,7 @@ def test_outputs_keep_what_describes_the_photo_and_are_upright(
         manifest = pq.read_table(Path(run_dir) / "manifest.parquet").to_pylist()
         phone[len(manifest)] = next(r for r in manifest if r["key"] == "phone.jpg")
         assert "staging" not in {p.name for p in Path(run_dir).iterdir()}  # the bands' folders, once stacked
-    assert (phone[1]["piece_count"], phone[3]["piece_count"]) == (2, 1), "not cut"
+    assert phone[1]["piece_count"] > 1 == phone[3]["piece_count"], "not cut"
     assert phone[1]["tiles"] == phone[3]["tiles"]  # no tile run twice
 
     for out_path in (tmp_path / "dst" / "phone.jpg", tmp_path / "alone" / "phone.tif"):
