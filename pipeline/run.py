@@ -372,12 +372,14 @@ def spread_last(rows: list[dict[str, Any]], actors: int) -> list[dict[str, Any]]
     - the images left after the last full round of one an actor, the smallest, are each cut into
       bands, where tall enough, that together keep every actor busy (three images on two actors: the
       third in two bands; seventeen on sixteen: the last in sixteen);
-    - the last round's images (the last `actors` of them) are each cut into LAST_ROUND_BANDS at least:
-      the actors reach that round at different times, and one that ends early then takes a quarter of
-      an image instead of waiting for the others' whole ones, so that the last actor ends at most a
-      quarter of a small image after the first (eight images on two actors: the last two in four).
-    A cut runs no tile twice (split_rows); the bands are stacked by one more task, which encodes the
-    image. One actor: nothing is cut."""
+    - the last round's images (the last `actors` of them) are each cut into LAST_ROUND_BANDS (or the
+      rule above's number, the larger): the actors reach that round at different times, and one that
+      ends early then takes part of an image instead of waiting for the others' whole ones, so that
+      the last actor ends about a band after the first (eight images on two actors: the last two in
+      four each).
+    `spread` is what decoding asks for: an image gets fewer bands where it is short, since a band is
+    two tile rows at least (split_rows; an image of 7 tile rows, 3 bands). A cut runs no tile twice;
+    the bands are stacked by one more task, which encodes the image. One actor: nothing is cut."""
     if actors < 2:
         return [{**row, "spread": 1} for row in rows]
     left = len(rows) % actors
