@@ -215,7 +215,8 @@ MODEL_COLUMNS = DECODE_COLUMNS + [
 # zeroed by the kernel: 350,000-620,000 page faults and 1.2-1.9 s of system time per 48 tiles of the
 # full model, and 12 % more time per tile (RESULTS.md). One arena (the main one, which can grow past
 # 64 MB), blocks of up to 256 MiB served from it, and up to 1 GiB of it kept when freed: next to no
-# faults after the first batch, for ~100 MB more peak memory per actor.
+# faults after the first batch, for ~100 MB more peak memory per actor. (glibc 2.36 takes a threshold
+# this far above its own 32 MiB cap: with these settings a 100 MiB block comes from the heap, RESULTS.md.)
 CPU_MODEL_TUNABLES = ":".join(
     ["glibc.malloc.arena_max=1", f"glibc.malloc.mmap_threshold={256 << 20}", f"glibc.malloc.trim_threshold={1 << 30}"]
 )
