@@ -23,7 +23,11 @@ Sections (all by default):
             speed drifts), and (b) the
             naive baseline on the same inputs: one process, tiles one at a time (batch 1), Pillow
             reading and writing, as Real-ESRGAN's tiler works. Top-level JSON keys
-            `pipeline_vs_ceiling` and `pipeline_vs_naive` are the ratios of output MP/s.
+            `pipeline_vs_ceiling` and `pipeline_vs_naive` are the ratios of output MP/s. Each
+            pipeline run is also split, from Ray's task events of its model actors, into the time
+            until their first piece, running pieces (at the ceiling's rate, and beyond it), waiting
+            between pieces, the tail and the time after the last piece, with the share of the cores
+            busy and the binding stage (`time_split`, `cores_busy`, `binding_stage`).
             Without --quick also the memory runs: peak memory with --scale-images times the photos.
   shards    (only when named) peak memory while one Parquet shard of --shard-mb MB (incompressible
             512x512 PNGs in row groups of 16 rows, 13 MB; or with --shard-kind photos, 384x384 JPEG
@@ -644,12 +648,23 @@ class PeakMemory:
 
 
 def pipeline_run(
-    src: Path, dst: Path, args: argparse.Namespace, checkpoint: str, *, memory: bool, precision: str = "auto"
-) -> dict[str, float]:
+    src: Path,
+    dst: Path,
+    args: argparse.Namespace,
+    checkpoint: str,
+    *,
+    memory: bool,
+    precision: str = "auto",
+    timeline: bool = False,
+) -> dict[str, object]:
     """One run of the pipeline with skipping off (every tile runs, as in the ceiling and the naive
     baseline); with `memory`, its peak PSS too. Reading PSS walks every page table of every Ray
     process (the object store maps gigabytes), which costs real CPU: runs timed for throughput do
-    not sample."""
+    not sample. With `timeline` (on a Ray that is up before and after the run), where its time went
+    (`time_split`, read from Ray's task events after the run) and the share of the machine's cores
+    busy while it ran (all processes: the bench runs alone)."""
+    import psutil
+
     from pipeline.run import RunOptions, run
 
     options = RunOptions(
@@ -658,19 +673,103 @@ def pipeline_run(
     )  # fmt: skip
     sampler = PeakMemory(interval=0.5) if memory else None
     with sampler or contextlib.nullcontext():
+        cpu_before, epoch = psutil.cpu_times(), time.time()
         start = time.perf_counter()
         result = run(options)
         seconds = time.perf_counter() - start
+        cpu_after = psutil.cpu_times()
     s = result.summary
     if s["counts"]["ok"] != s["counts"]["inputs"]:
         raise RuntimeError(f"pipeline benchmark: {s['failed']}")
-    return {
+    out: dict[str, object] = {
         "images": s["counts"]["inputs"],
         "tiles": s["tiles"]["total"],
         "seconds": round(seconds, 2),
         "output_mp": round(s["megapixels_out"], 3),
         "output_mp_per_s": round(s["megapixels_out"] / seconds, 4),
         "peak_memory_mib": round(sampler.peak / 2**20) if sampler else None,
+    }
+    if timeline:
+        busy = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in CPU_BUSY_FIELDS if hasattr(cpu_after, f))
+        out["cores_busy"] = round(busy / ((psutil.cpu_count() or 1) * seconds), 3)
+        pieces = sum(n or 1 for n in result.manifest.column("piece_count").to_pylist())
+        spans = model_piece_events(epoch, pieces)
+        out["time_split"] = time_split(spans, seconds=seconds) if spans else None
+    return out
+
+
+# Where the CPU time of `psutil.cpu_times()` is work (guest time is inside user time; steal, iowait
+# and idle are not this machine's work).
+CPU_BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq")
+# Ray's name for a model actor's call on one piece, in its task events (`ray.timeline()`): Ray Data
+# runs the actor's `__call__` inside `MapWorker.submit`.
+MODEL_PIECE = "task::MapWorker(MapBatches(TileWorker)).submit"
+
+
+def model_piece_events(since: float, pieces: int, *, wait: float = 10.0) -> list[tuple[str, float, float]] | None:
+    """The model actors' pieces that began after `since` (epoch seconds), as (actor, start, end) in
+    seconds from `since`. Ray reports task events once a second: this waits up to `wait` seconds for
+    all `pieces` of the run to be reported. None, said on stderr, if they are not (a split made of
+    some of them would be wrong; RAY_task_events_report_interval_ms=0 turns them off)."""
+    import ray
+
+    deadline = time.monotonic() + wait
+    while True:
+        spans = [
+            (e["tid"], e["ts"] / 1e6 - since, (e["ts"] + e["dur"]) / 1e6 - since)
+            for e in ray.timeline()
+            if e.get("cat") == MODEL_PIECE and e.get("ph") == "X" and e["ts"] / 1e6 >= since
+        ]
+        if len(spans) >= pieces or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if len(spans) != pieces:
+        log(f"no time split: Ray's task events show {len(spans)} model pieces for a run of {pieces}")
+        return None
+    return spans
+
+
+def union_seconds(spans: list[tuple[float, float]]) -> float:
+    """How long at least one of the (start, end) spans was open."""
+    total, reach = 0.0, -float("inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def time_split(spans: list[tuple[str, float, float]], *, seconds: float) -> dict[str, object]:
+    """A pipeline run of `seconds` split, exactly, from its model actors' pieces (actor, start, end;
+    seconds from the run's start), taking the mean over the actors where they differ:
+      start_s    until an actor's first piece: Ray starting the actors' processes, torch's import and
+                 the model's load in each, the first decode;
+      busy_s     running pieces (while one at least runs: an actor may hold more than one);
+      waiting_s  between an actor's first piece and its last, waiting for the next one;
+      tail_s     the last actor's end after the mean actor's: pieces that did not share out evenly;
+      finish_s   after the last piece: its finishing and writing, the manifest and the reports.
+    Also per actor: its pieces, first start, time busy and last end."""
+    by_actor: dict[str, list[tuple[float, float]]] = {}
+    for actor, start, end in spans:
+        by_actor.setdefault(actor, []).append((start, end))
+    actors = [
+        {"pieces": len(s), "first_s": min(a for a, _ in s), "busy_s": union_seconds(s), "end_s": max(b for _, b in s)}
+        for s in by_actor.values()
+    ]
+
+    def mean(key: str) -> float:
+        return sum(a[key] for a in actors) / len(actors)
+
+    last = max(a["end_s"] for a in actors)
+    split = {
+        "start_s": mean("first_s"),
+        "busy_s": mean("busy_s"),
+        "waiting_s": mean("end_s") - mean("first_s") - mean("busy_s"),
+        "tail_s": last - mean("end_s"),
+        "finish_s": seconds - last,
+    }
+    return {key: round(v, 2) for key, v in split.items()} | {
+        "actors": [{key: round(v, 2) for key, v in a.items()} for a in sorted(actors, key=lambda a: a["first_s"])]
     }
 
 
@@ -824,8 +923,9 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
             warm_up_ray_data()
             time.sleep(3)  # let Ray's freshly started processes settle, as on a cluster that is up
             for dtype in dtypes:
+                dst = root / f"out-{dtype}"
                 pipelines[dtype] = pipeline_run(
-                    root / "photos", root / f"out-{dtype}", args, checkpoint, memory=False, precision=dtype
+                    root / "photos", dst, args, checkpoint, memory=False, precision=dtype, timeline=True
                 )
                 log(f"pipeline, {dtype}, {images} photos: {pipelines[dtype]}")
             if device.type == "cpu" and not args.quick:
@@ -858,6 +958,9 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
                 "pipeline_vs_ceiling": round(rate / both["output_mp_per_s"], 3),
                 "pipeline_vs_naive": round(rate / result["naive"]["output_mp_per_s"], 3),
             }
+            if pipelines[dtype]["time_split"]:
+                result["runs"][dtype]["binding_stage"] = binding_stage(pipelines[dtype]["time_split"])
+                against_ceiling(pipelines[dtype], both)
         result["max_pixel_difference_vs_naive"] = max_difference(root / "out-naive", root / "out-float32")
     # The headline ratios compare like with like: the pipeline and the ceiling in float32, the naive
     # baseline's precision. result["runs"] has them at the default precision too.
@@ -867,6 +970,29 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
         growth = result["pipeline_scaled"]["peak_memory_mib"] / result["pipeline_memory"]["peak_memory_mib"] - 1
         result["memory_growth"] = round(growth, 3)
     return result
+
+
+def against_ceiling(run: dict[str, object], ceiling: dict[str, float]) -> None:
+    """The run's `time_split` with its model actors' busy time cut in two, where the actors are laid
+    out as the ceiling's processes are (as many, an equal share of the tiles each): the model on the
+    run's tiles at the ceiling's rate (`model_at_ceiling_s`), and the rest (`slower_than_alone_s`): the
+    actors' own work beside the network, and the cores the other stages and Ray took from them."""
+    split = run["time_split"]
+    if len(split["actors"]) == ceiling["processes"]:
+        alone = ceiling["seconds"] * run["tiles"] / ceiling["tiles"]
+        split["model_at_ceiling_s"] = round(alone, 2)
+        split["slower_than_alone_s"] = round(split["busy_s"] - alone, 2)
+
+
+def binding_stage(split: dict[str, object]) -> str:
+    """The stage that bounds the run's rate, by its model actors: busy 90 % of the time between their
+    first piece and their last, they are it; otherwise they waited for pieces from the stages around
+    them (decoding before them; finishing and writing after, when Ray Data holds pieces back because
+    their outputs pile up)."""
+    share = split["busy_s"] / max(split["busy_s"] + split["waiting_s"], 1e-9)
+    if share >= 0.9:
+        return f"the model (its actors busy {share:.0%} of the time from their first piece to their last)"
+    return f"the stages around the model (its actors busy only {share:.0%} of the time from their first piece to their last)"
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -962,6 +1088,7 @@ def markdown(results: dict[str, object]) -> str:
                      f"**{p['pipeline_vs_ceiling']:.1%}**, pipeline / naive **{p['pipeline_vs_naive']:.2f}x**; largest "
                      f"pixel difference between the pipeline's and the naive baseline's outputs: "
                      f"{p['max_pixel_difference_vs_naive']}.")]  # fmt: skip
+        out += time_split_table(p["runs"])
     if "shards" in results:
         r = results["shards"]
         images = {"noise": "incompressible 512x512 PNGs", "photos": "384x384 JPEG photo crops"}[r["kind"]]
@@ -974,6 +1101,24 @@ def markdown(results: dict[str, object]) -> str:
               f"{q['peak_object_store_mib']:,} MiB"] for q in r["runs"]],
         )  # fmt: skip
     return "\n".join(out)
+
+
+def time_split_table(runs: dict[str, dict]) -> list[str]:
+    """Markdown: where each timed pipeline run's time went (`time_split`), and its binding stage."""
+    rows = []
+    for dtype, r in runs.items():
+        q, t = r["pipeline"], r["pipeline"]["time_split"]
+        if t:
+            cut = f" ({t['model_at_ceiling_s']} + {t['slower_than_alone_s']})" if "model_at_ceiling_s" in t else ""
+            rows.append([f"pipeline, {dtype}", q["seconds"], t["start_s"], f"{t['busy_s']}{cut}", t["waiting_s"],
+                         t["tail_s"], t["finish_s"], f"{q['cores_busy']:.0%}"])  # fmt: skip
+    if not rows:
+        return []
+    out = ["", ("**Where each pipeline run's time went** (its model actors' pieces in Ray's task events, the mean "
+                "over the actors; the parts add up to the run's seconds):"), ""]  # fmt: skip
+    out += _table(["run", "seconds", "until the first piece", "running pieces (at the ceiling's rate + beyond it)",
+                   "waiting between pieces", "tail", "after the last piece", "cores busy"], rows)  # fmt: skip
+    return out + [""] + [f"Binding stage, {d}: {r['binding_stage']}." for d, r in runs.items() if "binding_stage" in r]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +11,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+SPLIT = ("start_s", "busy_s", "waiting_s", "tail_s", "finish_s")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "jobs" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -36,12 +46,48 @@ def test_quick_bench_writes_the_ratios_and_the_pipeline_matches_the_naive_baseli
         assert runs["pipeline"]["tiles"] >= runs["ceiling"]["tiles"], dtype  # plus the round-trip spot check's
         # On a CPU the ceiling runs as the pipeline's model actors do: one single-threaded process per core.
         assert runs["ceiling"]["processes"] == (result["machine"]["cores"] if on_cpu else 1), dtype
+        # Where the run's time went, from Ray's task events: every part there, adding up to the run.
+        run = runs["pipeline"]
+        split = run["time_split"]
+        assert sum(split[k] for k in SPLIT) == pytest.approx(run["seconds"], abs=0.03), (dtype, split)
+        assert split["start_s"] > 0 and split["busy_s"] > 0 and 0 < run["cores_busy"] <= 1, (dtype, run)
+        # One model actor per core; with this tiny model, one that starts late may find no piece left.
+        assert 1 <= len(split["actors"]) <= runs["ceiling"]["processes"], (dtype, split)
+        if len(split["actors"]) == runs["ceiling"]["processes"]:
+            cut = split["model_at_ceiling_s"] + split["slower_than_alone_s"]
+            assert cut == pytest.approx(split["busy_s"], abs=0.02), (dtype, split)
+        assert runs["binding_stage"].startswith("the "), runs
     assert result["pipeline_vs_ceiling"] == pipe["runs"]["float32"]["pipeline_vs_ceiling"]
     assert [r["batch"] for r in result["model"]["rows"]] == [1, 8]
     assert result["model"]["halos"]["4"]["compute_factor"] == pytest.approx((64 / 56) ** 2, abs=1e-3)
     assert {r["format"] for r in result["codecs"]["rows"]} == {"PNG", "JPEG", "WEBP", "AVIF", "JPEG2000", "HEIF"}
     skip = result["skip"]["rows"]
     assert skip[0]["skip_detail"] == 0 and skip[0]["tiles_skipped"] == 0
-    assert "pipeline / ceiling" in table.read_text()
+    assert "pipeline / ceiling" in table.read_text() and "Binding stage, float32: the " in table.read_text()
     fast = result["precision"]["rows"]
     assert fast and all(r["max_difference"] <= 2 for r in fast), fast  # bf16 against float32, shipped weights
+
+
+def test_a_runs_time_split_adds_up_and_counts_an_actors_overlapping_pieces_once(bench):
+    spans = [("a", 2.0, 5.0), ("a", 5.1, 9.0), ("a", 8.0, 12.0), ("b", 3.0, 6.0), ("b", 7.0, 11.0)]
+    split = bench.time_split(spans, seconds=13.0)
+    # Actor a: first piece at 2, busy 3 + 3.9 + 3 (its last two pieces overlap by 1 s), last end 12;
+    # actor b: first at 3, busy 3 + 4, last end 11.
+    assert [a["busy_s"] for a in split["actors"]] == [9.9, 7.0]
+    assert split["start_s"] == 2.5 and split["busy_s"] == 8.45 and split["tail_s"] == 0.5 and split["finish_s"] == 1.0
+    assert split["waiting_s"] == pytest.approx(0.55, abs=0.005)
+    assert sum(split[k] for k in SPLIT) == pytest.approx(13.0, abs=0.01)
+
+
+def test_the_binding_stage_is_the_model_only_while_its_actors_are_busy(bench):
+    assert bench.binding_stage({"busy_s": 9.5, "waiting_s": 0.5}).startswith("the model (its actors busy 95%")
+    assert bench.binding_stage({"busy_s": 8.0, "waiting_s": 2.0}).startswith("the stages around the model")
+
+
+def test_busy_time_beyond_the_ceilings_rate_counts_the_runs_own_tiles(bench):
+    run = {"tiles": 110, "time_split": {"busy_s": 60.0, "actors": [{}, {}]}}
+    bench.against_ceiling(run, {"processes": 2, "tiles": 100, "seconds": 50.0})
+    assert run["time_split"]["model_at_ceiling_s"] == 55.0 and run["time_split"]["slower_than_alone_s"] == 5.0
+    other = {"tiles": 110, "time_split": {"busy_s": 60.0, "actors": [{}]}}  # laid out unlike the ceiling: no cut
+    bench.against_ceiling(other, {"processes": 2, "tiles": 100, "seconds": 50.0})
+    assert "model_at_ceiling_s" not in other["time_split"]
