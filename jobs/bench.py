@@ -25,9 +25,10 @@ Sections (all by default):
             reading and writing, as Real-ESRGAN's tiler works. Top-level JSON keys
             `pipeline_vs_ceiling` and `pipeline_vs_naive` are the ratios of output MP/s. Each
             pipeline run is also split, from Ray's task events of its model actors, into the time
-            until their first piece, running pieces (at the ceiling's rate, and beyond it), waiting
-            between pieces, the tail and the time after the last piece, with the share of the cores
-            busy and the binding stage (`time_split`, `cores_busy`, `binding_stage`).
+            until their first piece (before their `__init__`, in it, after it), running pieces (at
+            the ceiling's rate, and beyond it), waiting between pieces, the tail and the time after
+            the last piece, with the share of the cores busy and the binding stage (`time_split`,
+            `cores_busy`, `binding_stage`).
             Without --quick also the memory runs: peak memory with --scale-images times the photos.
   shards    (only when named) peak memory while one Parquet shard of --shard-mb MB (incompressible
             512x512 PNGs in row groups of 16 rows, 13 MB; or with --shard-kind photos, 384x384 JPEG
@@ -693,40 +694,44 @@ def pipeline_run(
         busy = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in CPU_BUSY_FIELDS if hasattr(cpu_after, f))
         out["cores_busy"] = round(busy / ((psutil.cpu_count() or 1) * seconds), 3)
         pieces = sum(n or 1 for n in result.manifest.column("piece_count").to_pylist())
-        spans = model_piece_events(epoch, pieces)
-        out["time_split"] = time_split(spans, seconds=seconds) if spans else None
+        events = model_actor_events(epoch, pieces)
+        out["time_split"] = (
+            time_split(events[MODEL_PIECE], seconds=seconds, inits=events[MODEL_INIT]) if events else None
+        )
     return out
 
 
 # Where the CPU time of `psutil.cpu_times()` is work (guest time is inside user time; steal, iowait
 # and idle are not this machine's work).
 CPU_BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq")
-# Ray's name for a model actor's call on one piece, in its task events (`ray.timeline()`): Ray Data
-# runs the actor's `__call__` inside `MapWorker.submit`.
+# Ray's names for a model actor's `__init__` and its call on one piece, in its task events
+# (`ray.timeline()`): Ray Data runs the actor's `__call__` inside `MapWorker.submit`.
+MODEL_INIT = "task::MapWorker(MapBatches(TileWorker)).__init__"
 MODEL_PIECE = "task::MapWorker(MapBatches(TileWorker)).submit"
 
 
-def model_piece_events(since: float, pieces: int, *, wait: float = 10.0) -> list[tuple[str, float, float]] | None:
-    """The model actors' pieces that began after `since` (epoch seconds), as (actor, start, end) in
-    seconds from `since`. Ray reports task events once a second: this waits up to `wait` seconds for
-    all `pieces` of the run to be reported. None, said on stderr, if they are not (a split made of
-    some of them would be wrong; RAY_task_events_report_interval_ms=0 turns them off)."""
+def model_actor_events(since: float, pieces: int, *, wait: float = 10.0) -> dict[str, list] | None:
+    """The model actors' `__init__`s (MODEL_INIT) and pieces (MODEL_PIECE) that began after `since`
+    (epoch seconds), each as (actor, start, end) in seconds from `since`. Ray reports task events once
+    a second: this waits up to `wait` seconds for all `pieces` of the run to be reported. None, said on
+    stderr, if they are not (a split made of some of them would be wrong;
+    RAY_task_events_report_interval_ms=0 turns them off)."""
     import ray
 
     deadline = time.monotonic() + wait
     while True:
-        spans = [
-            (e["tid"], e["ts"] / 1e6 - since, (e["ts"] + e["dur"]) / 1e6 - since)
-            for e in ray.timeline()
-            if e.get("cat") == MODEL_PIECE and e.get("ph") == "X" and e["ts"] / 1e6 >= since
-        ]
-        if len(spans) >= pieces or time.monotonic() > deadline:
+        events: dict[str, list] = {MODEL_INIT: [], MODEL_PIECE: []}
+        for e in ray.timeline():
+            if e.get("cat") in events and e.get("ph") == "X" and e["ts"] / 1e6 >= since:
+                start = e["ts"] / 1e6 - since
+                events[e["cat"]].append((e["tid"], start, start + e["dur"] / 1e6))
+        if len(events[MODEL_PIECE]) >= pieces or time.monotonic() > deadline:
             break
         time.sleep(1.0)
-    if len(spans) != pieces:
-        log(f"no time split: Ray's task events show {len(spans)} model pieces for a run of {pieces}")
+    if len(events[MODEL_PIECE]) != pieces:
+        log(f"no time split: Ray's task events show {len(events[MODEL_PIECE])} model pieces for a run of {pieces}")
         return None
-    return spans
+    return events
 
 
 def union_seconds(spans: list[tuple[float, float]]) -> float:
@@ -739,23 +744,31 @@ def union_seconds(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def time_split(spans: list[tuple[str, float, float]], *, seconds: float) -> dict[str, object]:
+def time_split(
+    spans: list[tuple[str, float, float]], *, seconds: float, inits: list[tuple[str, float, float]] = ()
+) -> dict[str, object]:
     """A pipeline run of `seconds` split, exactly, from its model actors' pieces (actor, start, end;
     seconds from the run's start), taking the mean over the actors where they differ:
-      start_s    until an actor's first piece: Ray starting the actors' processes, torch's import and
-                 the model's load in each, the first decode;
+      start_s    until an actor's first piece;
       busy_s     running pieces (while one at least runs: an actor may hold more than one);
       waiting_s  between an actor's first piece and its last, waiting for the next one;
       tail_s     the last actor's end after the mean actor's: pieces that did not share out evenly;
       finish_s   after the last piece: its finishing and writing, the manifest and the reports.
-    Also per actor: its pieces, first start, time busy and last end."""
+    With every such actor's `__init__` in `inits` (same form), start_s split too, exactly:
+      before_init_s  the driver checking the model and planning, Ray starting the actor's process;
+      init_s         its `__init__`: torch's import and the model's load;
+      first_piece_wait_s  from then until its first piece (decoding, or the hand-off).
+    Also per actor: its pieces, first start, time busy and last end (and its `__init__`'s start and length)."""
     by_actor: dict[str, list[tuple[float, float]]] = {}
     for actor, start, end in spans:
         by_actor.setdefault(actor, []).append((start, end))
-    actors = [
-        {"pieces": len(s), "first_s": min(a for a, _ in s), "busy_s": union_seconds(s), "end_s": max(b for _, b in s)}
-        for s in by_actor.values()
-    ]
+    init = {actor: (start, end) for actor, start, end in inits}
+    actors = []
+    for actor, s in by_actor.items():
+        actors.append({"pieces": len(s), "first_s": min(a for a, _ in s), "busy_s": union_seconds(s),
+                       "end_s": max(b for _, b in s)})  # fmt: skip
+        if actor in init:
+            actors[-1] |= {"init_start_s": init[actor][0], "init_s": init[actor][1] - init[actor][0]}
 
     def mean(key: str) -> float:
         return sum(a[key] for a in actors) / len(actors)
@@ -768,6 +781,12 @@ def time_split(spans: list[tuple[str, float, float]], *, seconds: float) -> dict
         "tail_s": last - mean("end_s"),
         "finish_s": seconds - last,
     }
+    if all("init_s" in a for a in actors):
+        split |= {
+            "before_init_s": mean("init_start_s"),
+            "init_s": mean("init_s"),
+            "first_piece_wait_s": mean("first_s") - mean("init_start_s") - mean("init_s"),
+        }
     return {key: round(v, 2) for key, v in split.items()} | {
         "actors": [{key: round(v, 2) for key, v in a.items()} for a in sorted(actors, key=lambda a: a["first_s"])]
     }
@@ -1110,13 +1129,15 @@ def time_split_table(runs: dict[str, dict]) -> list[str]:
         q, t = r["pipeline"], r["pipeline"]["time_split"]
         if t:
             cut = f" ({t['model_at_ceiling_s']} + {t['slower_than_alone_s']})" if "model_at_ceiling_s" in t else ""
-            rows.append([f"pipeline, {dtype}", q["seconds"], t["start_s"], f"{t['busy_s']}{cut}", t["waiting_s"],
-                         t["tail_s"], t["finish_s"], f"{q['cores_busy']:.0%}"])  # fmt: skip
+            start = f" ({t['before_init_s']} + {t['init_s']} + {t['first_piece_wait_s']})" if "init_s" in t else ""
+            rows.append([f"pipeline, {dtype}", q["seconds"], f"{t['start_s']}{start}", f"{t['busy_s']}{cut}",
+                         t["waiting_s"], t["tail_s"], t["finish_s"], f"{q['cores_busy']:.0%}"])  # fmt: skip
     if not rows:
         return []
     out = ["", ("**Where each pipeline run's time went** (its model actors' pieces in Ray's task events, the mean "
                 "over the actors; the parts add up to the run's seconds):"), ""]  # fmt: skip
-    out += _table(["run", "seconds", "until the first piece", "running pieces (at the ceiling's rate + beyond it)",
+    out += _table(["run", "seconds", "until the first piece (before the actor's `__init__` + in it + after it)",
+                   "running pieces (at the ceiling's rate + beyond it)",
                    "waiting between pieces", "tail", "after the last piece", "cores busy"], rows)  # fmt: skip
     return out + [""] + [f"Binding stage, {d}: {r['binding_stage']}." for d, r in runs.items() if "binding_stage" in r]
 

@@ -51,6 +51,8 @@ def test_quick_bench_writes_the_ratios_and_the_pipeline_matches_the_naive_baseli
         split = run["time_split"]
         assert sum(split[k] for k in SPLIT) == pytest.approx(run["seconds"], abs=0.03), (dtype, split)
         assert split["start_s"] > 0 and split["busy_s"] > 0 and 0 < run["cores_busy"] <= 1, (dtype, run)
+        start = split["before_init_s"] + split["init_s"] + split["first_piece_wait_s"]  # the actors' start-up
+        assert start == pytest.approx(split["start_s"], abs=0.03) and split["init_s"] > 0, (dtype, split)
         # One model actor per core; with this tiny model, one that starts late may find no piece left.
         assert 1 <= len(split["actors"]) <= runs["ceiling"]["processes"], (dtype, split)
         if len(split["actors"]) == runs["ceiling"]["processes"]:
@@ -70,13 +72,18 @@ def test_quick_bench_writes_the_ratios_and_the_pipeline_matches_the_naive_baseli
 
 def test_a_runs_time_split_adds_up_and_counts_an_actors_overlapping_pieces_once(bench):
     spans = [("a", 2.0, 5.0), ("a", 5.1, 9.0), ("a", 8.0, 12.0), ("b", 3.0, 6.0), ("b", 7.0, 11.0)]
-    split = bench.time_split(spans, seconds=13.0)
+    inits = [("a", 0.5, 1.5), ("b", 1.0, 2.5), ("c", 1.0, 2.0)]  # c: an actor that got no piece
+    split = bench.time_split(spans, seconds=13.0, inits=inits)
     # Actor a: first piece at 2, busy 3 + 3.9 + 3 (its last two pieces overlap by 1 s), last end 12;
     # actor b: first at 3, busy 3 + 4, last end 11.
     assert [a["busy_s"] for a in split["actors"]] == [9.9, 7.0]
     assert split["start_s"] == 2.5 and split["busy_s"] == 8.45 and split["tail_s"] == 0.5 and split["finish_s"] == 1.0
     assert split["waiting_s"] == pytest.approx(0.55, abs=0.005)
     assert sum(split[k] for k in SPLIT) == pytest.approx(13.0, abs=0.01)
+    # Start-up: __init__ begins at 0.5 and 1.0 s and lasts 1 and 1.5 s; the first pieces 0.5 s after.
+    assert (split["before_init_s"], split["init_s"], split["first_piece_wait_s"]) == (0.75, 1.25, 0.5)
+    # Without every actor's __init__, start-up is left whole.
+    assert "init_s" not in bench.time_split(spans, seconds=13.0, inits=inits[:1])
 
 
 def test_the_binding_stage_is_the_model_only_while_its_actors_are_busy(bench):
