@@ -59,7 +59,9 @@ def test_quick_bench_writes_the_ratios_and_the_pipeline_matches_the_naive_baseli
             cut = split["model_at_ceiling_s"] + split["slower_than_alone_s"]
             assert cut == pytest.approx(split["busy_s"], abs=0.02), (dtype, split)
         assert runs["binding_stage"].startswith("the "), runs
-    assert result["pipeline_vs_ceiling"] == pipe["runs"]["float32"]["pipeline_vs_ceiling"]
+    # The headline compares like with like: at the naive baseline's precision (float32 on a CPU).
+    assert pipe["headline_dtype"] == ("float32" if on_cpu else pipe["default_dtype"])
+    assert result["pipeline_vs_ceiling"] == pipe["runs"][pipe["headline_dtype"]]["pipeline_vs_ceiling"]
     assert [r["batch"] for r in result["model"]["rows"]] == [1, 8]
     assert result["model"]["halos"]["4"]["compute_factor"] == pytest.approx((64 / 56) ** 2, abs=1e-3)
     assert {r["format"] for r in result["codecs"]["rows"]} == {"PNG", "JPEG", "WEBP", "AVIF", "JPEG2000", "HEIF"}
