@@ -31,6 +31,7 @@ loaded with allow_pickle=False):
 from __future__ import annotations
 
 import io
+import threading
 import time
 from typing import Any
 
@@ -225,10 +226,29 @@ CPU_MODEL_TUNABLES = ":".join(
 CPU_MODEL_ENV = {"GLIBC_TUNABLES": CPU_MODEL_TUNABLES + ":${GLIBC_TUNABLES}"}
 
 
+class _OneAtATime:
+    """An actor's TileUpscaler as one call of the actor sees it: forward passes one at a time, and the
+    tiles this call skipped counted apart from other calls'. A GPU actor runs several calls at once,
+    in threads (pipeline.run.GPU_CALLS_PER_ACTOR), so that the CPU work of some (cutting tiles,
+    blending outputs) overlaps the forward pass of another; two forward passes at once would each
+    take a batch sized to the GPU's free memory (TileUpscaler.batch_size)."""
+
+    def __init__(self, runner: Any, lock: threading.Lock) -> None:
+        self.runner, self.lock, self.skipped = runner, lock, 0
+        self.tile_size, self.scale = runner.tile_size, runner.scale
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        with self.lock:
+            before = self.runner.tiles_skipped
+            out = self.runner(tiles)
+            self.skipped += self.runner.tiles_skipped - before
+        return out
+
+
 class TileWorker:
     """The model stage: one network per actor, loaded once; tiles of every piece in the batch (and
     of the round-trip LR images) share forward batches of `batch_size` tiles (None: the device's
-    own choice, TileUpscaler.batch_size)."""
+    own choice, TileUpscaler.batch_size). Calls may run at once, in threads (_OneAtATime)."""
 
     def __init__(
         self,
@@ -257,6 +277,7 @@ class TileWorker:
         self.version = source.version
         self.batch_size = batch_size or self.runner.batch_size()
         self.halo = halo
+        self.forward_lock = threading.Lock()
 
     def __call__(self, batch: Batch) -> Batch:
         rows = _rows(batch)
@@ -274,15 +295,15 @@ class TileWorker:
                 lr = unpack(row["rt_lr"])
                 work.append((row, "rt_sr", split_image(lr, tile=tile, scale=scale, halo=self.halo)[0]))
         started = time.perf_counter()
-        skipped_before = self.runner.tiles_skipped
-        outputs = upscale_pieces((p for _, _, p in work), self.runner, batch_size=self.batch_size)
+        runner = _OneAtATime(self.runner, self.forward_lock)
+        outputs = upscale_pieces((p for _, _, p in work), runner, batch_size=self.batch_size)
         for (row, column, piece), output in zip(work, outputs):
             row[column] = pack(output.rows)
             if column == "out_pixels":
                 row.update(seam_above=pack(output.seam_above), seam_below=pack(output.seam_below))
             row["tiles"] += _tiles(piece)
         elapsed = time.perf_counter() - started
-        skipped = self.runner.tiles_skipped - skipped_before
+        skipped = runner.skipped
         total = sum(r["tiles"] for r in rows) or 1
         for row in rows:
             share = row["tiles"] / total  # the call's time and skipped tiles, shared by tiles

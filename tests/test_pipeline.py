@@ -518,6 +518,48 @@ def test_flat_tiles_skip_the_network_and_the_manifest_counts_them(
     assert (top == 236).all()
 
 
+def test_a_gpu_actors_calls_at_once_each_count_their_own_skipped_tiles(tmp_path: Path, tiny_checkpoint: str) -> None:
+    """GPU actors run calls in threads at once (GPU_CALLS_PER_ACTOR): a scan with a blank margin and a
+    photo, each called many times together, give the same outputs and the same skipped tiles as
+    calls one at a time; the photo never takes the scan's skipped tiles."""
+    import threading
+
+    from pipeline.run import GPU_CALLS_PER_ACTOR
+    from pipeline.stages import TileWorker, decode_stage
+
+    assert GPU_CALLS_PER_ACTOR > 1
+    margin = np.full((200, 120, 3), 236, np.uint8)
+    margin[140:, :] = photo("astronaut", 60, 120, 200, 150)
+    images = {"scan.png": margin, "photo.png": photo("coffee", 80, 80, 100, 200)}
+    listing = []
+    for key, pixels in images.items():
+        (tmp_path / key).write_bytes(encoded(Image.fromarray(pixels), "PNG"))
+        listing.append({"source": str(tmp_path / key), "key": key, "size_bytes": 0, "source_version": "v",
+                        "output": "unused", "out_format": "PNG", "spot_check": False})  # fmt: skip
+    rows = decode_stage(pa.Table.from_pylist(listing), tile=64, scale=4, halo=4, max_tiles=1024, max_pixels=None)
+    rows = {r["key"]: rows.slice(i, 1) for i, r in enumerate(rows.to_pylist())}
+    worker = TileWorker(checkpoint=tiny_checkpoint, device="cpu", precision="float32", batch_size=8, halo=4,
+                        threads=1, skip_detail=0.5)  # fmt: skip
+    alone = {key: worker(row).to_pylist()[0] for key, row in rows.items()}
+    assert alone["scan.png"]["tiles_skipped"] >= 2 and alone["photo.png"]["tiles_skipped"] == 0
+
+    calls = [key for key in rows for _ in range(GPU_CALLS_PER_ACTOR)]
+    start, together = threading.Barrier(len(calls)), [None] * len(calls)
+
+    def call(i: int) -> None:
+        start.wait()
+        together[i] = worker(rows[calls[i]]).to_pylist()[0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key, got in zip(calls, together):
+        assert got["tiles_skipped"] == alone[key]["tiles_skipped"], (key, got["tiles_skipped"])
+        assert got["tiles"] == alone[key]["tiles"] and got["out_pixels"] == alone[key]["out_pixels"], key
+
+
 # ----------------------------------------------------------------------------- 4 and 7. skip, overwrite, spot checks
 
 
