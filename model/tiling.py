@@ -232,7 +232,11 @@ class Canvas:
         r0, r1 = self.band.tile_rows
         self._origin = s * plan.ys[r0]  # padded-output row of the canvas's first row
         height = s * (plan.ys[r1 - 1] + plan.tile) - self._origin
-        self.total = np.zeros((height, s * plan.padded_shape[1], self.channels), np.float32)
+        # Planes, (C, rows, columns): a tile's (C, sT, sT) output adds in row by row, with no
+        # transpose, through one scratch buffer (a 512x512 photo's blending took half the time in
+        # HWC; on a GPU node this CPU work, not the network, is what a model actor spends its time on).
+        self.total = np.zeros((self.channels, height, s * plan.padded_shape[1]), np.float32)
+        self._weighted = np.empty((self.channels, s * plan.tile, s * plan.tile), np.float32)
         self._wy = axis_weights(list(plan.ys), plan.tile, s)
         self._wx = axis_weights(list(plan.xs), plan.tile, s)
         # Normalised by the whole image's weights, over every tile row (a band's neighbours' too): a
@@ -260,7 +264,7 @@ class Canvas:
         x = self.scale * self.plan.xs[ix]
         side = self.plan.tile * self.scale
         w = (self._wy[iy][:, None] * self._wx[ix][None, :]).astype(np.float32)  # (sT, sT)
-        self.total[y : y + side, x : x + side] += tile_out.transpose(1, 2, 0) * w[..., None]
+        self.total[:, y : y + side, x : x + side] += np.multiply(tile_out, w, out=self._weighted)
         self.filled += 1
 
     @property
@@ -273,7 +277,11 @@ class Canvas:
         rows = slice(a + s * top - self._origin, b + s * top - self._origin)
         cols = slice(s * left, s * (left + self.plan.width))
         weight = (self._sum_y[rows, None] * self._sum_x[None, cols]).astype(np.float32)
-        return np.divide(self.total[rows, cols], weight[..., None])  # in place below: these are large
+        planes = self.total[:, rows, cols]
+        out = np.empty((*planes.shape[1:], planes.shape[0]), np.float32)  # (rows, columns, C)
+        for c, plane in enumerate(planes):  # one plane at a time: ~3x faster than one transposed divide
+            np.divide(plane, weight, out=out[..., c])
+        return out
 
     def result(self) -> np.ndarray:
         """The band's own output rows, (rows, s*W, C) float32 clipped to [0, 1]."""
