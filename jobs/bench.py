@@ -30,6 +30,10 @@ Sections (all by default):
             the last piece, with the share of the cores busy and the binding stage (`time_split`,
             `cores_busy`, `binding_stage`).
             Without --quick also the memory runs: peak memory with --scale-images times the photos.
+  profile   (only when named) where the model's time goes at one batch (the largest of
+            --batch-sizes) and precision (the last of --dtypes): the forward pass, the transformer
+            body and the convolutional head timed apart with their own FLOPs (and MFU), with
+            --compile compiled too, and torch.profiler's kernels that take the most time.
   shards    (only when named) peak memory while one Parquet shard of --shard-mb MB (incompressible
             512x512 PNGs in row groups of 16 rows, 13 MB; or with --shard-kind photos, 384x384 JPEG
             crops of photos, ~11x smaller than their pixels) goes through the pipeline, against one of
@@ -69,7 +73,7 @@ from model.config import variant
 from model.network import DenseIsoViT, parameter_count, pick_device, precision
 
 SECTIONS = ("model", "codecs", "halo", "skip", "precision", "pipeline")
-EXTRA_SECTIONS = ("shards",)  # run only when named: --sections shards
+EXTRA_SECTIONS = ("shards", "profile")  # run only when named: --sections shards (or profile)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")  # the pipeline's inputs
 # Quality sections: astronaut and coffee are held out of training; page (a scanned page), the Hubble
 # deep field (black sky) and the moon are what skipping is for (they were in the training set).
@@ -146,24 +150,32 @@ def halo_costs(model: DenseIsoViT, flops: int, halos: tuple[int, ...] = (0, 2, 4
     return out
 
 
-def time_forward(model: DenseIsoViT, device: torch.device, *, batch: int, dtype: str, seconds: float) -> float:
-    """Tiles per second over about `seconds`, after one warm-up pass."""
+def random_tiles(model: DenseIsoViT, device: torch.device, batch: int) -> torch.Tensor:
+    """`batch` random tiles on `device`, channels-last on a GPU (as TileUpscaler gives them)."""
     tile = model.config.tile_size
     x = torch.rand(batch, model.config.in_channels, tile, tile, device=device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def calls_per_second(fn, x: torch.Tensor, device: torch.device, *, dtype: str, seconds: float) -> float:
+    """Calls of fn(x) per second over about `seconds`, after one warm-up call."""
     done = 0
     with torch.inference_mode(), precision(device, dtype):
-        model(x)
+        fn(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
-            model(x)
-            done += batch
+            fn(x)
+            done += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
         return done / (time.perf_counter() - start)
+
+
+def time_forward(model: DenseIsoViT, device: torch.device, *, batch: int, dtype: str, seconds: float) -> float:
+    """Tiles per second over about `seconds`, after one warm-up pass."""
+    return batch * calls_per_second(model, random_tiles(model, device, batch), device, dtype=dtype, seconds=seconds)
 
 
 def bench_model(args: argparse.Namespace, info: dict[str, object]) -> dict[str, object]:
@@ -214,6 +226,77 @@ def bench_model(args: argparse.Namespace, info: dict[str, object]) -> dict[str, 
         "halos": halo_costs(model, flops),
         "rows": rows,
     }
+
+
+def flops_of(fn, x: torch.Tensor) -> int:
+    """FLOPs of fn(x) (multiply-add = 2), as torch's FLOP counter counts them."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        fn(x)
+    return counter.get_total_flops()
+
+
+def top_kernels(fn, x: torch.Tensor, device: torch.device, *, dtype: str, calls: int = 3, top: int = 15) -> list[dict]:
+    """torch.profiler's kernels (on a CPU, operators) that take the most of fn(x)'s time: each with
+    its milliseconds per call and its share of the time of all of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    with torch.inference_mode(), precision(device, dtype):
+        fn(x)  # warm-up: compiling, cuDNN's choices and lazy loading stay out of the profile
+        with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                fn(x)
+            if gpu:
+                torch.cuda.synchronize()
+    own = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if own(e) > 0]
+    total = sum(own(e) for e in events) or 1
+    events.sort(key=own, reverse=True)
+    return [{"name": e.key, "ms_per_call": round(own(e) / calls / 1e3, 3), "share": round(own(e) / total, 4),
+             "calls_per_forward": round(e.count / calls, 2)} for e in events[:top]]  # fmt: skip
+
+
+def bench_profile(args: argparse.Namespace, info: dict[str, object]) -> dict[str, object]:
+    """Where the model's time goes at one batch (the largest of --batch-sizes: 512 on a GPU, 8 on a
+    CPU) and precision (the last of --dtypes: bf16 on a GPU): the whole forward pass, the transformer
+    body and the convolutional head timed apart, each with its own FLOPs (and MFU on a known GPU);
+    with --compile the forward pass compiled too; and torch.profiler's kernels that take the most
+    time, eager and compiled."""
+    device = pick_device(args.device)
+    gpu = device.type == "cuda"
+    model = DenseIsoViT(variant(args.variant)).to(device).eval()
+    if gpu:
+        model = model.to(memory_format=torch.channels_last)
+    batch = max(int(b) for b in (args.batch_sizes or ("512" if gpu else "8")).split(","))
+    dtype = (args.dtypes or ("bfloat16" if gpu else "float32")).split(",")[-1]
+    seconds = 2.0 if args.quick else 10.0
+    peak = bf16_peak_tflops(str(info.get("gpu", ""))) if gpu and dtype == "bfloat16" else None
+    x = random_tiles(model, device, batch)
+    with torch.inference_mode(), precision(device, dtype):
+        dense = model.body(x)
+    # (name, what is timed, its input, what is counted: the compiled forward pass does the eager one's FLOPs)
+    parts = [("whole forward pass", model, x, model), ("body: patch embedding and the transformer stages", model.body, x, model.body),
+             ("head: fusion, x2 sub-pixel stages, to RGB", model.head, dense, model.head)]  # fmt: skip
+    kernels = {"eager": top_kernels(model, x, device, dtype=dtype)}
+    if args.compile:
+        compiled = torch.compile(model, dynamic=False)
+        started = time.perf_counter()
+        calls_per_second(compiled, x, device, dtype=dtype, seconds=0.0)  # compiles
+        log(f"profile: compiled in {time.perf_counter() - started:.1f} s")
+        parts.append(("whole forward pass, torch.compile", compiled, x, model))
+        kernels["compiled"] = top_kernels(compiled, x, device, dtype=dtype)
+    rows = []
+    for name, fn, arg, counted in parts:
+        per_s = calls_per_second(fn, arg, device, dtype=dtype, seconds=seconds)
+        flops = flops_of(counted, arg[:1])
+        row = {"part": name, "gflop_per_tile": round(flops / 1e9, 3), "ms_per_batch": round(1e3 / per_s, 2),
+               "tiles_per_s": round(per_s * batch, 1), "tflop_per_s": round(per_s * batch * flops / 1e12, 3)}  # fmt: skip
+        if peak:
+            row["mfu"] = round(row["tflop_per_s"] / peak, 3)
+        rows.append(row)
+        log(f"profile {name}: {row}")
+    return {"variant": args.variant, "device": str(device), "dtype": dtype, "batch": batch, "rows": rows,
+            "kernels": kernels}  # fmt: skip
 
 
 # --- codecs ----------------------------------------------------------------------------------------
@@ -1134,6 +1217,23 @@ def markdown(results: dict[str, object]) -> str:
                      f"pixel difference between the pipeline's and the naive baseline's outputs: "
                      f"{p['max_pixel_difference_vs_naive']}.")]  # fmt: skip
         out += time_split_table(p["runs"])
+    if "profile" in results:
+        r = results["profile"]
+        out += [
+            "",
+            f"**Where the model's time goes**, variant `{r['variant']}`, {r['device']}, {r['dtype']}, batch {r['batch']}:",
+            "",
+        ]
+        mfu = any("mfu" in q for q in r["rows"])
+        out += _table(
+            ["part", "GFLOP per tile", "ms per batch", "tiles/s", "TFLOP/s"] + (["MFU (bf16 peak)"] if mfu else []),
+            [[q["part"], q["gflop_per_tile"], q["ms_per_batch"], q["tiles_per_s"], q["tflop_per_s"]]
+             + ([f"{q['mfu']:.1%}"] if mfu else []) for q in r["rows"]],
+        )  # fmt: skip
+        for how, kernels in r["kernels"].items():
+            out += ["", f"Kernels that take the most time, {how} (torch.profiler, self time):", ""]
+            out += _table(["kernel", "ms per forward pass", "share", "calls per forward pass"],
+                          [[k["name"][:90], k["ms_per_call"], f"{k['share']:.1%}", k["calls_per_forward"]] for k in kernels])  # fmt: skip
     if "shards" in results:
         r = results["shards"]
         images = {"noise": "incompressible 512x512 PNGs", "photos": "384x384 JPEG photo crops"}[r["kind"]]
@@ -1218,12 +1318,13 @@ def main(argv: list[str] | None = None) -> int:
         "precision": bench_precision,
         "pipeline": bench_pipeline,
         "shards": bench_shards,
+        "profile": bench_profile,
     }
     info = machine()
     results: dict[str, object] = {"machine": info, "quick": args.quick}
     started = time.perf_counter()
     for section in sections:
-        results[section] = run[section](args, info) if section == "model" else run[section](args)
+        results[section] = run[section](args, info) if section in ("model", "profile") else run[section](args)
         log(f"-- {section} done at {time.perf_counter() - started:.0f} s")
     if "pipeline" in results:
         results["pipeline_vs_ceiling"] = results["pipeline"]["pipeline_vs_ceiling"]

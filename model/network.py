@@ -146,12 +146,19 @@ class DenseIsoViT(nn.Module):
 
     def forward(self, lr: torch.Tensor, *, fused: bool = True) -> torch.Tensor:
         c = self.config
-        B, _, H, W = lr.shape
+        _, _, H, W = lr.shape
         if (H, W) != (c.tile_size, c.tile_size):
             raise ValueError(
                 f"Dense-Iso-ViT takes {c.tile_size}x{c.tile_size} tiles, got {H}x{W}; tile the image first"
             )
-        g = c.grid_size
+        residual = self.head(self.body(lr, fused=fused))  # (B, C, sT, sT)
+        skip = F.interpolate(lr, scale_factor=c.scale, mode="bilinear", align_corners=False)
+        return skip + residual.to(skip.dtype)
+
+    def body(self, lr: torch.Tensor, *, fused: bool = True) -> torch.Tensor:
+        """The transformer: patch embedding, the stages, their outputs concatenated on the token
+        grid, (B, dense_channels, g, g). Apart from `head` so that each can be timed alone."""
+        g, B = self.config.grid_size, lr.shape[0]
         x = self.patch_embed(lr).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, C0), N = g*g
         features = []
         for i, stage in enumerate(self.stages):
@@ -159,10 +166,11 @@ class DenseIsoViT(nn.Module):
                 x = self.transitions[i - 1](x)  # (B, N, C_i)
             x = stage(x, fused=fused)
             features.append(x)
-        dense = torch.cat(features, dim=-1).transpose(1, 2).reshape(B, c.dense_channels, g, g)  # (B, 1120, g, g)
-        residual = self.to_rgb(self.upsample(self.fusion(dense)))  # (B, C, sT, sT)
-        skip = F.interpolate(lr, scale_factor=c.scale, mode="bilinear", align_corners=False)
-        return skip + residual.to(skip.dtype)
+        return torch.cat(features, dim=-1).transpose(1, 2).reshape(B, self.config.dense_channels, g, g)
+
+    def head(self, dense: torch.Tensor) -> torch.Tensor:
+        """The convolutional head: fusion, the x2 sub-pixel stages, to RGB: the residual (B, C, sT, sT)."""
+        return self.to_rgb(self.upsample(self.fusion(dense)))
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -100,3 +100,22 @@ def test_busy_time_beyond_the_ceilings_rate_counts_the_runs_own_tiles(bench):
     other = {"tiles": 110, "time_split": {"busy_s": 60.0, "actors": [{}]}}  # laid out unlike the ceiling: no cut
     bench.against_ceiling(other, {"processes": 2, "tiles": 100, "seconds": 50.0})
     assert "model_at_ceiling_s" not in other["time_split"]
+
+
+def test_the_profile_splits_the_models_flops_and_names_its_slowest_kernels(bench, tmp_path):
+    """--sections profile (what RESULTS.md's H200 breakdown comes from): the body's and the head's
+    FLOPs add up to the forward pass's, each part is timed, and the kernels come slowest first."""
+    out, table = tmp_path / "profile.json", tmp_path / "profile.md"
+    bench.main(["--sections", "profile", "--variant", "tiny", "--quick", "--batch-sizes", "1,4", "--dtypes",
+                "float32", "--json", str(out), "--markdown", str(table)])  # fmt: skip
+    profile = json.loads(out.read_text())["profile"]
+    assert profile["batch"] == 4 and profile["dtype"] == "float32"
+    whole, body, head = profile["rows"]
+    assert body["gflop_per_tile"] + head["gflop_per_tile"] == pytest.approx(whole["gflop_per_tile"], abs=0.002)
+    for row in profile["rows"]:
+        assert row["ms_per_batch"] > 0 and row["tiles_per_s"] == pytest.approx(4e3 / row["ms_per_batch"], rel=0.01)
+    kernels = profile["kernels"]["eager"]
+    shares = [k["share"] for k in kernels]
+    assert kernels and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001
+    assert any("conv" in k["name"] for k in kernels[:5]), kernels  # the head's convolutions, at 256x256
+    assert "Where the model's time goes" in table.read_text()
