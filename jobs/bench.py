@@ -129,11 +129,17 @@ def bf16_peak_tflops(name: str) -> float | None:
 # --- model ---------------------------------------------------------------------------------------
 
 
-def flops_per_tile(model: DenseIsoViT, device: torch.device) -> int:
-    """Forward FLOPs of one tile (multiply-add = 2 FLOPs), as torch's FLOP counter counts them."""
-    tile = model.config.tile_size
+def speed_model(args: argparse.Namespace, device: torch.device) -> DenseIsoViT:
+    """The untrained --variant for the speed sections, on `device`, laid out as TileUpscaler lays it
+    out (channels-last on a GPU)."""
+    model = DenseIsoViT(variant(args.variant)).to(device).eval()
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def flops_of(fn, x: torch.Tensor) -> int:
+    """FLOPs of fn(x) (multiply-add = 2), as torch's FLOP counter counts them."""
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(torch.rand(1, model.config.in_channels, tile, tile, device=device))
+        fn(x)
     return counter.get_total_flops()
 
 
@@ -180,10 +186,8 @@ def time_forward(model: DenseIsoViT, device: torch.device, *, batch: int, dtype:
 
 def bench_model(args: argparse.Namespace, info: dict[str, object]) -> dict[str, object]:
     device = pick_device(args.device)
-    model = DenseIsoViT(variant(args.variant)).to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    flops = flops_per_tile(model, device)
+    model = speed_model(args, device)
+    flops = flops_of(model, random_tiles(model, device, 1))
     out_pixels = (model.config.tile_size * model.config.scale) ** 2
     peak = bf16_peak_tflops(str(info.get("gpu", ""))) if device.type == "cuda" else None
     gpu = device.type == "cuda"
@@ -228,13 +232,6 @@ def bench_model(args: argparse.Namespace, info: dict[str, object]) -> dict[str, 
     }
 
 
-def flops_of(fn, x: torch.Tensor) -> int:
-    """FLOPs of fn(x) (multiply-add = 2), as torch's FLOP counter counts them."""
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        fn(x)
-    return counter.get_total_flops()
-
-
 def top_kernels(fn, x: torch.Tensor, device: torch.device, *, dtype: str, calls: int = 3, top: int = 15) -> list[dict]:
     """torch.profiler's kernels (on a CPU, operators) that take the most of fn(x)'s time: each with
     its milliseconds per call and its share of the time of all of them."""
@@ -264,9 +261,7 @@ def bench_profile(args: argparse.Namespace, info: dict[str, object]) -> dict[str
     time, eager and compiled."""
     device = pick_device(args.device)
     gpu = device.type == "cuda"
-    model = DenseIsoViT(variant(args.variant)).to(device).eval()
-    if gpu:
-        model = model.to(memory_format=torch.channels_last)
+    model = speed_model(args, device)
     batch = max(int(b) for b in (args.batch_sizes or ("512" if gpu else "8")).split(","))
     dtype = (args.dtypes or ("bfloat16" if gpu else "float32")).split(",")[-1]
     seconds = 2.0 if args.quick else 10.0
