@@ -275,7 +275,7 @@ class TileWorker:
         if self.runner.device.type == "cpu" and threads:
             torch.set_num_threads(threads)
         self.version = source.version
-        self.batch_size = batch_size or self.runner.batch_size()
+        self.batch_size = self.runner.largest_batch = batch_size or self.runner.batch_size()
         self.halo = halo
         self.forward_lock = threading.Lock()
 
