@@ -34,6 +34,13 @@ Sections (all by default):
             --batch-sizes) and precision (the last of --dtypes): the forward pass, the transformer
             body and the convolutional head timed apart with their own FLOPs (and MFU), with
             --compile compiled too, and torch.profiler's kernels that take the most time.
+  actor     (only when named) a model actor's own CPU work a photo, beside the network: the model
+            stage (pipeline.stages.TileWorker, as a GPU actor runs it: batch 1024, --skip-detail 0.5)
+            on the decoded photos, with the network standing in at no cost (on a GPU its outputs
+            land in a cached pinned buffer while the CPU waits), calls one at a time and
+            GPU_CALLS_PER_ACTOR at once in threads, each in a fresh process with glibc's and
+            Arrow's allocators as they come and with the actors' settings (pipeline.stages.MODEL_ENV):
+            wall and CPU milliseconds and page faults a photo. On a GPU node this work binds.
   shards    (only when named) peak memory while one Parquet shard of --shard-mb MB (incompressible
             512x512 PNGs in row groups of 16 rows, 13 MB; or with --shard-kind photos, 384x384 JPEG
             crops of photos, ~11x smaller than their pixels) goes through the pipeline, against one of
@@ -73,7 +80,7 @@ from model.config import variant
 from model.network import DenseIsoViT, parameter_count, pick_device, precision
 
 SECTIONS = ("model", "codecs", "halo", "skip", "precision", "pipeline")
-EXTRA_SECTIONS = ("shards", "profile")  # run only when named: --sections shards (or profile)
+EXTRA_SECTIONS = ("shards", "profile", "actor")  # run only when named: --sections shards (or profile, actor)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")  # the pipeline's inputs
 # Quality sections: astronaut and coffee are held out of training; page (a scanned page), the Hubble
 # deep field (black sky) and the moon are what skipping is for (they were in the training set).
@@ -612,20 +619,20 @@ def _ceiling_share(job: tuple[str, list[str], int, int, int, int, str]) -> tuple
 
 
 @contextlib.contextmanager
-def cpu_model_environ():
-    """This process's environment, while processes started inside get the malloc settings of the
-    pipeline's CPU model actors (pipeline.stages.CPU_MODEL_TUNABLES), as Ray gives them."""
-    from pipeline.stages import CPU_MODEL_TUNABLES
+def model_actor_environ():
+    """This process's environment, while processes started inside get the environment variables of the
+    pipeline's model actors (pipeline.stages.MODEL_ENV: malloc's settings and Arrow's allocator), as
+    Ray gives them."""
+    from pipeline.stages import MODEL_ENV
 
-    before = os.environ.get("GLIBC_TUNABLES")
-    os.environ["GLIBC_TUNABLES"] = f"{CPU_MODEL_TUNABLES}:{before}" if before else CPU_MODEL_TUNABLES
+    before = dict(os.environ)
+    for key, value in MODEL_ENV.items():
+        os.environ[key] = value.replace(f"${{{key}}}", before.get(key, "")).rstrip(":")
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["GLIBC_TUNABLES"]
-        else:
-            os.environ["GLIBC_TUNABLES"] = before
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def parallel_ceiling(paths: list[Path], checkpoint: str, *, halo: int, batch_size: int, dtype: str) -> dict[str, float]:
@@ -635,7 +642,7 @@ def parallel_ceiling(paths: list[Path], checkpoint: str, *, halo: int, batch_siz
     a stricter ceiling than one process."""
     cores = os.cpu_count() or 1
     jobs = [(checkpoint, [str(p) for p in paths], i, cores, halo, batch_size, dtype) for i in range(cores)]
-    with cpu_model_environ(), multiprocessing.get_context("spawn").Pool(cores) as pool:
+    with model_actor_environ(), multiprocessing.get_context("spawn").Pool(cores) as pool:
         shares = pool.map(_ceiling_share, jobs)
     seconds = max(s for _, s in shares)
     return {"processes": cores, "tiles": sum(t for t, _ in shares), "seconds": round(seconds, 2),
@@ -964,6 +971,82 @@ def bench_shards(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+class _ReadyOutputs:
+    """The network standing in at no cost (bench_actor): the same outputs for every batch, as a GPU's
+    land in a pinned host buffer that torch caches, while the actor's CPU waits for them."""
+
+    def __init__(self, side: int) -> None:
+        self.side, self.out = side, np.zeros((0, 3, side, side), np.float32)
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        if len(tiles) > len(self.out):
+            self.out = np.random.default_rng(0).random((len(tiles), 3, self.side, self.side), dtype=np.float32)
+        return self.out[: len(tiles)]
+
+
+def _actor_work(job: tuple[str, list[str], int, int, int]) -> dict[str, float]:
+    """bench_actor's measurement in a fresh process: `repeats` rounds over the photos, `at_once` calls
+    at a time in threads (1: one after another), after one round to warm up."""
+    import resource
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+
+    from model.inference import MAX_AUTO_BATCH
+    from model.tiling import DEFAULT_SKIP_DETAIL
+    from pipeline.stages import TileWorker, decode_stage
+
+    checkpoint, paths, halo, at_once, repeats = job
+    worker = TileWorker(checkpoint=checkpoint, device="cpu", precision="float32", batch_size=MAX_AUTO_BATCH,
+                        halo=halo, threads=1, skip_detail=DEFAULT_SKIP_DETAIL)  # fmt: skip
+    runner = worker.runner
+    runner._network = _ReadyOutputs(runner.tile_size * runner.scale)  # every other step of TileUpscaler stays
+    listing = [{"source": p, "key": Path(p).name, "size_bytes": 0, "source_version": "", "output": "",
+                "out_format": "PNG", "spot_check": False} for p in paths]  # fmt: skip
+    rows = decode_stage(pa.Table.from_pylist(listing), tile=runner.tile_size, scale=runner.scale, halo=halo,
+                        max_tiles=MAX_AUTO_BATCH, max_pixels=None)  # fmt: skip
+    pieces = [rows.slice(i, 1) for i in range(rows.num_rows)]
+    for piece in pieces:
+        worker(piece)
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    with ThreadPoolExecutor(at_once) as pool:
+        list(pool.map(worker, pieces * repeats))
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    n = len(pieces) * repeats
+    return {
+        "calls_at_once": at_once,
+        "photos": n,
+        "ms_per_photo": round(1e3 * seconds / n, 1),
+        "cpu_ms_per_photo": round(1e3 * (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / n, 1),
+        "system_ms_per_photo": round(1e3 * (after.ru_stime - before.ru_stime) / n, 1),
+        "page_faults_per_photo": round((after.ru_minflt - before.ru_minflt) / n),
+    }
+
+
+def bench_actor(args: argparse.Namespace) -> dict[str, object]:
+    """A model actor's CPU work a photo beside the network (see the module's docstring), with the
+    allocators' defaults and with the model actors' settings, one call at a time and as a GPU actor
+    runs them."""
+    from model.checkpoint import save_checkpoint
+    from pipeline.run import GPU_CALLS_PER_ACTOR
+
+    repeats = 4 if args.quick else 16
+    out: dict[str, object] = {"variant": args.variant, "halo": args.halo, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = str(Path(tmp) / "model.safetensors")
+        save_checkpoint(DenseIsoViT(variant(args.variant)), checkpoint)
+        photos = [str(p) for p in write_photos(Path(tmp) / "photos", len(PHOTOS))]
+        for environ in ("defaults", "MODEL_ENV"):
+            for at_once in (1, GPU_CALLS_PER_ACTOR):
+                job = (checkpoint, photos, args.halo, at_once, repeats)
+                settings = model_actor_environ() if environ == "MODEL_ENV" else contextlib.nullcontext()
+                with settings, multiprocessing.get_context("spawn").Pool(1) as pool:
+                    row = {"environ": environ} | pool.apply(_actor_work, (job,))
+                log(f"actor: {row}")
+                out["runs"].append(row)
+    return out
+
+
 class _Identity:
     """A stage run by an actor pool that changes nothing (warm_up_ray_data)."""
 
@@ -1229,6 +1312,15 @@ def markdown(results: dict[str, object]) -> str:
             out += ["", f"Kernels that take the most time, {how} (torch.profiler, self time):", ""]
             out += _table(["kernel", "ms per forward pass", "share", "calls per forward pass"],
                           [[k["name"][:90], k["ms_per_call"], f"{k['share']:.1%}", k["calls_per_forward"]] for k in kernels])  # fmt: skip
+    if "actor" in results:
+        r = results["actor"]
+        out += ["", (f"**A model actor's CPU work a photo beside the network** (the network standing in at no "
+                     f"cost), variant `{r['variant']}`, halo {r['halo']}:"), ""]  # fmt: skip
+        out += _table(
+            ["allocators", "calls at once", "photos", "ms a photo", "CPU ms a photo", "of it system", "page faults a photo"],
+            [[{"defaults": "glibc's and Arrow's defaults"}.get(q["environ"], q["environ"]), q["calls_at_once"], q["photos"], q["ms_per_photo"], q["cpu_ms_per_photo"],
+              q["system_ms_per_photo"], f"{q['page_faults_per_photo']:,}"] for q in r["runs"]],
+        )  # fmt: skip
     if "shards" in results:
         r = results["shards"]
         images = {"noise": "incompressible 512x512 PNGs", "photos": "384x384 JPEG photo crops"}[r["kind"]]
@@ -1314,6 +1406,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline": bench_pipeline,
         "shards": bench_shards,
         "profile": bench_profile,
+        "actor": bench_actor,
     }
     info = machine()
     results: dict[str, object] = {"machine": info, "quick": args.quick}

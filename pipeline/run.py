@@ -32,7 +32,7 @@ from pipeline.images import DEFAULT_MAX_PIXELS, file_too_large, output_format, o
 from pipeline.manifest import FAILED, OK, SKIPPED, table
 from pipeline.report import Crop, Thresholds, render_html, summarize
 from pipeline.sink import Assembler, ImageSink, RunPaths, assembled_rows
-from pipeline.stages import CPU_MODEL_ENV, TileWorker, decode_stage, finish_stage
+from pipeline.stages import MODEL_ENV, TileWorker, decode_stage, finish_stage
 
 if TYPE_CHECKING:
     from model.inference import ModelSource
@@ -352,9 +352,9 @@ def build_dataset(
         ),
         num_gpus=placement.gpus,
         num_cpus=placement.cpus,
-        # CPU actors' malloc keeps a forward batch's activations for the next (stages.CPU_MODEL_TUNABLES);
-        # Ray merges these env_vars with a job's own.
-        runtime_env=None if placement.gpus else {"env_vars": CPU_MODEL_ENV},
+        # The actors' malloc keeps a forward batch's activations (on a CPU) and a piece's canvases for
+        # the next (stages.MODEL_TUNABLES); Ray merges these env_vars with a job's own.
+        runtime_env={"env_vars": MODEL_ENV},
         fn_constructor_kwargs={
             "threads": placement.threads,
             "checkpoint": options.checkpoint,

@@ -207,8 +207,8 @@ MODEL_COLUMNS = DECODE_COLUMNS + [
 ]  # fmt: skip
 
 
-# glibc's malloc settings for a process that runs the model on a CPU (GLIBC_TUNABLES, read when the
-# process starts; other C libraries ignore it), and why: a forward batch allocates and frees
+# glibc's malloc settings for a model actor's process (GLIBC_TUNABLES, read when the process starts;
+# other C libraries ignore it), and why. On a CPU, a forward batch allocates and frees
 # activations of up to ~100 MB (8 tiles' upsampling feature maps). Ray Data calls a model actor from
 # a thread of its own, and glibc serves a thread from an arena of 64 MB heaps and hands any larger
 # block straight back to the kernel when it is freed (on the main thread too, for blocks over its
@@ -218,12 +218,18 @@ MODEL_COLUMNS = DECODE_COLUMNS + [
 # 64 MB), blocks of up to 256 MiB served from it, and up to 1 GiB of it kept when freed: next to no
 # faults after the first batch, for ~100 MB more peak memory per actor. (glibc 2.36 takes a threshold
 # this far above its own 32 MiB cap: with these settings a 100 MiB block comes from the heap, RESULTS.md.)
-CPU_MODEL_TUNABLES = ":".join(
+# On a GPU, where the CPU work around the network binds, the same holds for a piece's canvases and
+# outputs (~50 MB a plane of a 512x512 photo). There pyarrow's own allocator (mimalloc) did the same
+# with the Arrow batches a call takes and returns, handing their memory back and faulting it in again:
+# Arrow allocates through glibc's malloc in model actors (ARROW_DEFAULT_MEMORY_POOL=system), under
+# these settings. Together, ~25 % less CPU a photo for a GPU actor's work beside the network
+# (`python jobs/bench.py --sections actor`, RESULTS.md).
+MODEL_TUNABLES = ":".join(
     ["glibc.malloc.arena_max=1", f"glibc.malloc.mmap_threshold={256 << 20}", f"glibc.malloc.trim_threshold={1 << 30}"]
 )
-# For a CPU model actor's runtime_env: Ray replaces ${GLIBC_TUNABLES} with the node's own (or nothing),
+# For a model actor's runtime_env: Ray replaces ${GLIBC_TUNABLES} with the node's own (or nothing),
 # which comes last and so wins where it sets the same tunable.
-CPU_MODEL_ENV = {"GLIBC_TUNABLES": CPU_MODEL_TUNABLES + ":${GLIBC_TUNABLES}"}
+MODEL_ENV = {"GLIBC_TUNABLES": MODEL_TUNABLES + ":${GLIBC_TUNABLES}", "ARROW_DEFAULT_MEMORY_POOL": "system"}
 
 
 class _OneAtATime:

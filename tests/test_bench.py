@@ -119,3 +119,24 @@ def test_the_profile_splits_the_models_flops_and_names_its_slowest_kernels(bench
     assert kernels and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001
     assert any("conv" in k["name"] for k in kernels[:5]), kernels  # the head's convolutions, at 256x256
     assert "Where the model's time goes" in table.read_text()
+
+
+@pytest.mark.slow
+def test_the_actor_section_measures_a_model_actors_own_work_and_its_allocators_fault_less(tmp_path):
+    """--sections actor (what RESULTS.md's figures for a GPU actor's CPU work come from): each photo's
+    work beside the network, one call at a time and as a GPU actor runs calls, with the allocators'
+    defaults and with the model actors' MODEL_ENV. Their faults a photo, one call at a time: 1,723-2,688
+    against 194-201 (and 42,000 against 1,600 with numpy's huge pages off); the bound leaves 4x room."""
+    out, table = tmp_path / "actor.json", tmp_path / "actor.md"
+    subprocess.run(  # its processes are spawned, and import the bench by its path
+        [sys.executable, "jobs/bench.py", "--sections", "actor", "--variant", "tiny", "--quick", "--json", str(out),
+         "--markdown", str(table)],
+        cwd=ROOT, check=True, timeout=300,
+    )  # fmt: skip
+    runs = {(r["environ"], r["calls_at_once"]): r for r in json.loads(out.read_text())["actor"]["runs"]}
+    assert set(runs) == {(e, n) for e in ("defaults", "MODEL_ENV") for n in (1, 4)}
+    for r in runs.values():
+        assert r["photos"] == 20 and 0 < r["system_ms_per_photo"] <= r["cpu_ms_per_photo"], r
+    default, tuned = runs["defaults", 1]["page_faults_per_photo"], runs["MODEL_ENV", 1]["page_faults_per_photo"]
+    assert tuned < default / 4, (tuned, default)
+    assert "A model actor's CPU work a photo beside the network" in table.read_text()

@@ -177,7 +177,7 @@ def test_cpu_model_actors_reuse_their_memory_instead_of_faulting_it_in_every_bat
     and then the heap takes one more 32 MiB: 8,192 pages), so the bound below leaves room for two."""
     import ray
 
-    from pipeline.stages import CPU_MODEL_ENV, CPU_MODEL_TUNABLES
+    from pipeline.stages import MODEL_ENV, MODEL_TUNABLES
 
     class ForwardPasses:
         """Forward batches of the small network, called from a thread of the actor's own as Ray
@@ -203,8 +203,8 @@ def test_cpu_model_actors_reuse_their_memory_instead_of_faulting_it_in_every_bat
             return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before, os.environ.get("GLIBC_TUNABLES", "")
 
     actor = ray.remote(num_cpus=1, max_concurrency=2)(ForwardPasses)
-    default, tuned = actor.remote(), actor.options(runtime_env={"env_vars": CPU_MODEL_ENV}).remote()
+    default, tuned = actor.remote(), actor.options(runtime_env={"env_vars": MODEL_ENV}).remote()
     (default_faults, _), (tuned_faults, tunables) = ray.get([default.faults.remote(8), tuned.faults.remote(8)])
-    assert tunables == CPU_MODEL_TUNABLES + ":"  # Ray put the node's own in, none here: nothing
+    assert tunables == MODEL_TUNABLES + ":"  # Ray put the node's own in, none here: nothing
     assert default_faults > 100_000, default_faults
     assert tuned_faults < default_faults / 10, (tuned_faults, default_faults)
