@@ -1034,7 +1034,7 @@ def bench_actor(args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {"variant": args.variant, "halo": args.halo, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = str(Path(tmp) / "model.safetensors")
-        save_checkpoint(DenseIsoViT(variant(args.variant)), checkpoint)
+        save_checkpoint(speed_model(args, torch.device("cpu")), checkpoint)
         photos = [str(p) for p in write_photos(Path(tmp) / "photos", len(PHOTOS))]
         for environ in ("defaults", "MODEL_ENV"):
             for at_once in (1, GPU_CALLS_PER_ACTOR):

@@ -352,8 +352,8 @@ def build_dataset(
         ),
         num_gpus=placement.gpus,
         num_cpus=placement.cpus,
-        # The actors' malloc keeps a forward batch's activations (on a CPU) and a piece's canvases for
-        # the next (stages.MODEL_TUNABLES); Ray merges these env_vars with a job's own.
+        # The actors' malloc, which Arrow uses too, keeps a forward batch's activations (on a CPU) and a
+        # piece's canvases for the next (stages.MODEL_ENV); Ray merges these env_vars with a job's own.
         runtime_env={"env_vars": MODEL_ENV},
         fn_constructor_kwargs={
             "threads": placement.threads,

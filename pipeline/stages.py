@@ -222,8 +222,9 @@ MODEL_COLUMNS = DECODE_COLUMNS + [
 # outputs (~50 MB a plane of a 512x512 photo). There pyarrow's own allocator (mimalloc) did the same
 # with the Arrow batches a call takes and returns, handing their memory back and faulting it in again:
 # Arrow allocates through glibc's malloc in model actors (ARROW_DEFAULT_MEMORY_POOL=system), under
-# these settings. Together, ~25 % less CPU a photo for a GPU actor's work beside the network
-# (`python jobs/bench.py --sections actor`, RESULTS.md).
+# these settings. Together, 36-43 % less CPU a photo for a GPU actor's work beside the network, one
+# call at a time; within the noise with 4 calls at once on 2 cores (`python jobs/bench.py --sections
+# actor`, RESULTS.md).
 MODEL_TUNABLES = ":".join(
     ["glibc.malloc.arena_max=1", f"glibc.malloc.mmap_threshold={256 << 20}", f"glibc.malloc.trim_threshold={1 << 30}"]
 )
