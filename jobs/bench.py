@@ -41,6 +41,12 @@ Sections (all by default):
             GPU_CALLS_PER_ACTOR at once in threads, each in a fresh process with glibc's and
             Arrow's allocators as they come and with the actors' settings (pipeline.stages.MODEL_ENV):
             wall and CPU milliseconds and page faults a photo. On a GPU node this work binds.
+  startup   (only when named) a run's start on a node of many CPUs beside one model actor, as on a
+            GPU node: a local Ray told of STARTUP_CPUS CPUs and 1 GPU, the model actor on this
+            machine's CPU with every tile on the skip path (the network's work is not what is
+            measured; the actor still loads --variant), --images photos (default 48), one fresh Ray
+            per run: the run's seconds, the time until the model actor's first piece (before its
+            `__init__`, in it) and the worker processes Ray started during the run.
   shards    (only when named) peak memory while one Parquet shard of --shard-mb MB (incompressible
             512x512 PNGs in row groups of 16 rows, 13 MB; or with --shard-kind photos, 384x384 JPEG
             crops of photos, ~11x smaller than their pixels) goes through the pipeline, against one of
@@ -68,6 +74,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -80,7 +87,8 @@ from model.config import variant
 from model.network import DenseIsoViT, parameter_count, pick_device, precision
 
 SECTIONS = ("model", "codecs", "halo", "skip", "precision", "pipeline")
-EXTRA_SECTIONS = ("shards", "profile", "actor")  # run only when named: --sections shards (or profile, actor)
+EXTRA_SECTIONS = ("shards", "profile", "actor", "startup")  # run only when named: --sections shards (or ...)
+STARTUP_CPUS = 16  # the startup section's node: the H200 node's cores (RESULTS.md)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")  # the pipeline's inputs
 # Quality sections: astronaut and coffee are held out of training; page (a scanned page), the Hubble
 # deep field (black sky) and the moon are what skipping is for (they were in the training set).
@@ -761,9 +769,10 @@ def pipeline_run(
     memory: bool,
     precision: str = "auto",
     timeline: bool = False,
+    skip_detail: float = 0.0,
 ) -> dict[str, object]:
-    """One run of the pipeline with skipping off (every tile runs, as in the ceiling and the naive
-    baseline); with `memory`, its peak PSS too. Reading PSS walks every page table of every Ray
+    """One run of the pipeline, by default with skipping off (every tile runs, as in the ceiling and
+    the naive baseline); with `memory`, its peak PSS too. Reading PSS walks every page table of every Ray
     process (the object store maps gigabytes), which costs real CPU: runs timed for throughput do
     not sample. With `timeline` (on a Ray that is up before and after the run), where its time went
     (`time_split`, read from Ray's task events after the run) and the share of the machine's cores
@@ -774,7 +783,7 @@ def pipeline_run(
 
     options = RunOptions(
         src=str(src), dst=str(dst), checkpoint=checkpoint, halo=args.halo, device=args.device,
-        skip_existing=False, skip_detail=0.0, precision=precision,
+        skip_existing=False, skip_detail=skip_detail, precision=precision,
     )  # fmt: skip
     sampler = PeakMemory(interval=0.5) if memory else None
     with sampler or contextlib.nullcontext():
@@ -1044,6 +1053,74 @@ def bench_actor(args: argparse.Namespace) -> dict[str, object]:
                     row = {"environ": environ} | pool.apply(_actor_work, (job,))
                 log(f"actor: {row}")
                 out["runs"].append(row)
+    return out
+
+
+class StartedWorkers:
+    """The Ray worker processes (the processes Ray starts for tasks and actors: `ray::` titles) that
+    start, under this process, while the block runs: `count` after it. Polled every 0.1 s; a worker
+    takes about a second to start, so none is missed."""
+
+    def __enter__(self) -> Self:
+        import threading
+
+        self.count, self._before, self._seen = 0, self._workers(), set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.count = len(self._seen - self._before)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.1):
+            self._seen |= self._workers()
+
+    @staticmethod
+    def _workers() -> set[int]:
+        import psutil
+
+        pids = set()
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if p.name().startswith("ray::") or "default_worker.py" in " ".join(p.cmdline()):
+                    pids.add(p.pid)
+        return pids
+
+
+def bench_startup(args: argparse.Namespace) -> dict[str, object]:
+    """A run's start on a node of many CPUs beside one model actor (see the module's docstring): on
+    the H200's 16 cores the model actor's `__init__` took 16 s in a run against 6.6 s alone."""
+    import ray
+
+    from model.checkpoint import save_checkpoint
+
+    images, runs = args.images or 48, 1 if args.quick else 3
+    out: dict[str, object] = {"variant": args.variant, "cpus": STARTUP_CPUS, "images": images, "runs": []}
+    on_cpu = argparse.Namespace(**{**vars(args), "device": "cpu"})
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        checkpoint = str(root / "model.safetensors")
+        save_checkpoint(speed_model(args, torch.device("cpu")), checkpoint)
+        write_photos(root / "photos", images)
+        for i in range(runs):
+            ray.init(address="local", num_cpus=STARTUP_CPUS, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+            try:
+                warm_up_ray_data()
+                time.sleep(3)  # as in the pipeline section: a cluster that is up
+                with StartedWorkers() as started:
+                    run = pipeline_run(root / "photos", root / f"out-{i}", on_cpu, checkpoint, memory=False,
+                                       precision="float32", timeline=True, skip_detail=255.0)  # fmt: skip
+            finally:
+                ray.shutdown()
+            split = run["time_split"] or {}
+            row = {"seconds": run["seconds"], "workers_started": started.count}
+            row |= {k: split.get(k) for k in ("start_s", "before_init_s", "init_s")}
+            log(f"startup: {row}")
+            out["runs"].append(row)
     return out
 
 
@@ -1321,6 +1398,15 @@ def markdown(results: dict[str, object]) -> str:
             [[{"defaults": "glibc's and Arrow's defaults"}.get(q["environ"], q["environ"]), q["calls_at_once"], q["photos"], q["ms_per_photo"], q["cpu_ms_per_photo"],
               q["system_ms_per_photo"], f"{q['page_faults_per_photo']:,}"] for q in r["runs"]],
         )  # fmt: skip
+    if "startup" in results:
+        r = results["startup"]
+        out += ["", (f"**A run's start beside one model actor on a node of {r['cpus']} CPUs** (every tile on the "
+                     f"skip path), variant `{r['variant']}`, {r['images']} photos, one fresh Ray per run:"), ""]  # fmt: skip
+        out += _table(
+            ["run", "seconds", "until the first piece (before `__init__` + in it)", "worker processes started"],
+            [[i + 1, q["seconds"], f"{q['start_s']} ({q['before_init_s']} + {q['init_s']})", q["workers_started"]]
+             for i, q in enumerate(r["runs"])],
+        )  # fmt: skip
     if "shards" in results:
         r = results["shards"]
         images = {"noise": "incompressible 512x512 PNGs", "photos": "384x384 JPEG photo crops"}[r["kind"]]
@@ -1407,6 +1493,7 @@ def main(argv: list[str] | None = None) -> int:
         "shards": bench_shards,
         "profile": bench_profile,
         "actor": bench_actor,
+        "startup": bench_startup,
     }
     info = machine()
     results: dict[str, object] = {"machine": info, "quick": args.quick}

@@ -43,6 +43,7 @@ ROW_BLOCK_BYTES = 1  # Ray Data blocks: each a batch a stage returned or yielded
 READ_AHEAD_PER_ACTOR = 4  # shard rows read and not yet staged, per model actor (Assembler.may_read)
 LAST_ROUND_BANDS = 4  # bands of each image in a run's last round on CPU actors (spread_last)
 GPU_CALLS_PER_ACTOR = 4  # pieces a GPU actor works on at once, in threads (build_dataset)
+DECODE_TASKS_PER_ACTOR = 2  # decoding tasks at once, per model actor (build_dataset)
 OBJECT_STORE_MIN, OBJECT_STORE_PER_ACTOR = 2**30, 512 * 2**20  # the run's object-store budget (build_dataset)
 
 
@@ -305,7 +306,13 @@ def build_dataset(
     }
     # A quarter CPU: decoding is light. Resources unlike the model actor's (which holds 1 or 0.5) also
     # keep Ray from fusing decoding into the actor, which would pin an image's bands to it.
-    stage, compute, cpus, kwargs, where = decode_stage, None, 0.25, decode, None
+    # At most DECODE_TASKS_PER_ACTOR at once: a node's free quarter CPUs would otherwise let Ray Data
+    # start dozens (64 on 16 cores beside one GPU actor), each in a worker process that Ray starts and
+    # that imports Ray Data and isosr (~1.5 CPU-s) while the model actors load: with Ray told of 16
+    # CPUs on 2 cores, a 48-photo run started 30 processes and the model actor's start took 26 s
+    # instead of 3 (RESULTS.md). Two are far ahead of a model actor: the bench's 8 photos decode in 0.08 CPU-s.
+    decoders = ray.data.TaskPoolStrategy(size=DECODE_TASKS_PER_ACTOR * placement.workers[1])
+    stage, compute, cpus, kwargs, where = decode_stage, decoders, 0.25, decode, None
     if sharded:
         # A generator: each shard streams out row by row, staying a few rows ahead of the rows staged
         # (Assembler.may_read), so a reader lasts as long as its shard and waits most of that time.

@@ -140,3 +140,24 @@ def test_the_actor_section_measures_a_model_actors_own_work_and_its_allocators_f
     default, tuned = runs["defaults", 1]["page_faults_per_photo"], runs["MODEL_ENV", 1]["page_faults_per_photo"]
     assert tuned < default / 4, (tuned, default)
     assert "A model actor's CPU work a photo beside the network" in table.read_text()
+
+
+@pytest.mark.slow
+def test_the_startup_section_times_a_runs_start_beside_one_actor_on_a_node_of_many_cpus(tmp_path):
+    """--sections startup (RESULTS.md's figures for a run's start on a GPU node's many cores): its own
+    local Ray of 16 CPUs and 1 GPU, the run's start split from Ray's task events, and the worker
+    processes Ray started, counted."""
+    out, table = tmp_path / "startup.json", tmp_path / "startup.md"
+    subprocess.run(
+        [sys.executable, "jobs/bench.py", "--sections", "startup", "--variant", "tiny", "--quick", "--images", "8",
+         "--json", str(out), "--markdown", str(table)],
+        cwd=ROOT, check=True, timeout=300,
+    )  # fmt: skip
+    startup = json.loads(out.read_text())["startup"]
+    [run] = startup["runs"]
+    assert startup["cpus"] == 16 and startup["images"] == 8
+    # The model actor, and at least one process for decoding and finishing, start within the run.
+    assert run["workers_started"] >= 2, run
+    start = run["before_init_s"] + run["init_s"]  # + the wait for the first piece: each rounded to 0.01 s
+    assert 0 < start <= run["start_s"] + 0.02 and run["start_s"] < run["seconds"], run
+    assert "A run's start beside one model actor on a node of 16 CPUs" in table.read_text()
