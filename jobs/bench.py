@@ -1456,7 +1456,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="model section: the largest batch again, torch.compile'd as `isosr upscale --compile` runs it",
     )
-    parser.add_argument("--images", type=int, help="pipeline section: photos (default 8)")
+    parser.add_argument("--images", type=int, help="pipeline and startup sections: photos (default 8 and 48)")
     parser.add_argument(
         "--scale-images",
         type=int,
