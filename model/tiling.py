@@ -214,6 +214,17 @@ def extract_tiles(plane: np.ndarray, plan: TilePlan, band: Band | None = None) -
     return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))  # (N, C, T, T)
 
 
+def _kinds(weights: list[np.ndarray]) -> list[int]:
+    """For each of an axis's weight vectors, the index of the first one equal to it."""
+    first: dict[bytes, int] = {}
+    return [first.setdefault(w.tobytes(), i) for i, w in enumerate(weights)]
+
+
+# Output rows that Canvas._normalised divides at a time: a 2,048-wide image's weights for them, 256 KB,
+# stay in the cache while every plane is divided (the whole band's at once: ~25 % slower; 16 rows: ~10 %).
+NORMALISE_ROWS = 32
+
+
 @dataclass
 class Canvas:
     """Accumulates the weighted upscaled tiles of one plane (or one band of it); `result()`
@@ -239,6 +250,10 @@ class Canvas:
         self._weighted = np.empty((self.channels, s * plan.tile, s * plan.tile), np.float32)
         self._wy = axis_weights(list(plan.ys), plan.tile, s)
         self._wx = axis_weights(list(plan.xs), plan.tile, s)
+        # A tile's (sT, sT) float32 weights, made once for each pair of distinct weight vectors: most tiles
+        # share their rows' and columns' ramps (made again for each tile, they took ~22 % of `add`'s time).
+        self._kind_y, self._kind_x = _kinds(self._wy), _kinds(self._wx)
+        self._pairs: dict[tuple[int, int], np.ndarray] = {}
         # Normalised by the whole image's weights, over every tile row (a band's neighbours' too): a
         # band's own rows come out as the whole image's, and its seam rows as its part of them.
         # Every tile spans all tile columns, so the weight sum is separable: sum_y x sum_x.
@@ -263,9 +278,15 @@ class Canvas:
         y = self.scale * self.plan.ys[iy] - self._origin
         x = self.scale * self.plan.xs[ix]
         side = self.plan.tile * self.scale
-        w = (self._wy[iy][:, None] * self._wx[ix][None, :]).astype(np.float32)  # (sT, sT)
-        self.total[:, y : y + side, x : x + side] += np.multiply(tile_out, w, out=self._weighted)
+        self.total[:, y : y + side, x : x + side] += np.multiply(tile_out, self._weights(iy, ix), out=self._weighted)
         self.filled += 1
+
+    def _weights(self, iy: int, ix: int) -> np.ndarray:
+        """Tile (iy, ix)'s (sT, sT) float32 blend weights."""
+        key = self._kind_y[iy], self._kind_x[ix]
+        if key not in self._pairs:
+            self._pairs[key] = (self._wy[key[0]][:, None] * self._wx[key[1]][None, :]).astype(np.float32)
+        return self._pairs[key]
 
     @property
     def done(self) -> bool:
@@ -274,13 +295,17 @@ class Canvas:
     def _normalised(self, a: int, b: int) -> np.ndarray:
         """Output rows [a, b) (output-image coordinates), normalised, padding cropped; float32."""
         s, (top, _, left, _) = self.scale, self.plan.pad
-        rows = slice(a + s * top - self._origin, b + s * top - self._origin)
+        first = a + s * top - self._origin
         cols = slice(s * left, s * (left + self.plan.width))
-        weight = (self._sum_y[rows, None] * self._sum_x[None, cols]).astype(np.float32)
-        planes = self.total[:, rows, cols]
+        planes = self.total[:, first : first + b - a, cols]
         out = np.empty((*planes.shape[1:], planes.shape[0]), np.float32)  # (rows, columns, C)
-        for c, plane in enumerate(planes):  # one plane at a time: ~3x faster than one transposed divide
-            np.divide(plane, weight, out=out[..., c])
+        # NORMALISE_ROWS rows at a time, so that their weights stay in the cache for every plane; one
+        # plane at a time: ~3x faster than one transposed divide.
+        for r0 in range(0, b - a, NORMALISE_ROWS):
+            r1 = min(r0 + NORMALISE_ROWS, b - a)
+            weight = (self._sum_y[first + r0 : first + r1, None] * self._sum_x[None, cols]).astype(np.float32)
+            for c, plane in enumerate(planes):
+                np.divide(plane[r0:r1], weight, out=out[r0:r1, :, c])
         return out
 
     def result(self) -> np.ndarray:

@@ -244,6 +244,34 @@ def test_regular_overlap_weights_sum_to_one(halo: int) -> None:
         assert w0[-1] == 0.0 and w1[0] == 0.0
 
 
+@pytest.mark.parametrize(("height", "width", "halo"), [(300, 451, 4), (40, 200, 0), (200, 64, 8), (130, 257, 1)])
+def test_blending_is_the_weighted_mean_of_the_tiles_written_out_to_the_bit(height: int, width: int, halo: int) -> None:
+    """Canvas shares each pair of weight vectors' weights among tiles and normalises a few rows at a
+    time, for speed (RESULTS.md): the result is still, bit for bit, each tile output times its weights,
+    summed in tile order, divided by the summed weights, in float32."""
+    plan = tiling.plan_tiles(height, width, tile=TILE, halo=halo)
+    outputs = np.random.default_rng(height).random((len(plan), 3, SCALE * TILE, SCALE * TILE), dtype=np.float32)
+    wy, wx = axis_weights(list(plan.ys), TILE, SCALE), axis_weights(list(plan.xs), TILE, SCALE)
+    padded_h, padded_w = (SCALE * side for side in plan.padded_shape)
+    total = np.zeros((3, padded_h, padded_w), np.float32)
+    sum_y, sum_x = np.zeros(padded_h), np.zeros(padded_w)
+    side = SCALE * TILE
+    for k, (y, x) in enumerate(plan.boxes):
+        iy, ix = divmod(k, len(plan.xs))
+        total[:, SCALE * y : SCALE * y + side, SCALE * x : SCALE * x + side] += outputs[k] * (
+            wy[iy][:, None] * wx[ix][None, :]
+        ).astype(np.float32)
+    for iy, y in enumerate(plan.ys):
+        sum_y[SCALE * y : SCALE * y + side] += wy[iy]
+    for ix, x in enumerate(plan.xs):
+        sum_x[SCALE * x : SCALE * x + side] += wx[ix]
+    top, _, left, _ = plan.pad
+    rows, cols = slice(SCALE * top, SCALE * (top + height)), slice(SCALE * left, SCALE * (left + width))
+    expected = total[:, rows, cols] / (sum_y[rows, None] * sum_x[None, cols]).astype(np.float32)
+    expected = np.clip(expected.transpose(1, 2, 0), 0.0, 1.0)
+    assert np.array_equal(tiling.blend_tiles(outputs, plan, SCALE), expected)
+
+
 def test_ramp_is_complementary() -> None:
     x = np.linspace(-0.5, 1.5, 2001)
     np.testing.assert_allclose(ramp(x) + ramp(1 - x), 1.0, rtol=0, atol=1e-12)
