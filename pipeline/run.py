@@ -307,7 +307,7 @@ def build_dataset(
     # A quarter CPU: decoding is light. Resources unlike the model actor's (which holds 1 or 0.5) also
     # keep Ray from fusing decoding into the actor, which would pin an image's bands to it.
     # At most DECODE_TASKS_PER_ACTOR at once: a node's free quarter CPUs would otherwise let Ray Data
-    # start dozens (64 on 16 cores beside one GPU actor), each in a worker process that Ray starts and
+    # start dozens (60 on 16 cores beside one GPU actor), each in a worker process that Ray starts and
     # that imports Ray Data and isosr (~1.5 CPU-s) while the model actors load: with Ray told of 16
     # CPUs on 2 cores, a 48-photo run started 30 processes and the model actor's start took 26 s
     # instead of 3 (RESULTS.md). Two are far ahead of a model actor: the bench's 8 photos decode in 0.08 CPU-s.
