@@ -47,6 +47,12 @@ Sections (all by default):
             measured; the actor still loads --variant), --images photos (default 48), one fresh Ray
             per run: the run's seconds, the time until the model actor's first piece (before its
             `__init__`, in it) and the worker processes Ray started during the run.
+  cpu       (only when named) where a pipeline run's CPU goes: the model alone first (on a CPU, the
+            pipeline section's per-core ceiling, once), then one run of --images photos (default 8)
+            at the naive baseline's precision on a local Ray that is up, every process's CPU read
+            every 0.5 s and put to its role: the model actors, the driver, the Assembler, Ray's
+            other workers (decoding, finishing, assembling, and those Ray started and left unused),
+            Ray's services (with Ray Data's once-per-cluster actors) and the rest of the machine.
   shards    (only when named) peak memory while one Parquet shard of --shard-mb MB (incompressible
             512x512 PNGs in row groups of 16 rows, 13 MB; or with --shard-kind photos, 384x384 JPEG
             crops of photos, ~11x smaller than their pixels) goes through the pipeline, against one of
@@ -87,7 +93,7 @@ from model.config import variant
 from model.network import DenseIsoViT, parameter_count, pick_device, precision
 
 SECTIONS = ("model", "codecs", "halo", "skip", "precision", "pipeline")
-EXTRA_SECTIONS = ("shards", "profile", "actor", "startup")  # run only when named: --sections shards (or ...)
+EXTRA_SECTIONS = ("shards", "profile", "actor", "startup", "cpu")  # run only when named: --sections shards (or ...)
 STARTUP_CPUS = 16  # the startup section's node: the H200 node's cores (RESULTS.md)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")  # the pipeline's inputs
 # Quality sections: astronaut and coffee are held out of training; page (a scanned page), the Hubble
@@ -804,8 +810,7 @@ def pipeline_run(
         "peak_memory_mib": round(sampler.peak / 2**20) if sampler else None,
     }
     if timeline:
-        busy = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in CPU_BUSY_FIELDS if hasattr(cpu_after, f))
-        out["cores_busy"] = round(busy / ((psutil.cpu_count() or 1) * seconds), 3)
+        out["cores_busy"] = round(busy_seconds(cpu_before, cpu_after) / ((psutil.cpu_count() or 1) * seconds), 3)
         pieces = sum(n or 1 for n in result.manifest.column("piece_count").to_pylist())
         events = model_actor_events(epoch, pieces)
         out["time_split"] = (
@@ -817,6 +822,13 @@ def pipeline_run(
 # Where the CPU time of `psutil.cpu_times()` is work (guest time is inside user time; steal, iowait
 # and idle are not this machine's work).
 CPU_BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq")
+
+
+def busy_seconds(before, after) -> float:
+    """The machine's busy CPU seconds between two `psutil.cpu_times()` readings."""
+    return sum(getattr(after, f) - getattr(before, f) for f in CPU_BUSY_FIELDS if hasattr(after, f))
+
+
 # Ray's names for a model actor's `__init__` and its call on one piece, in its task events
 # (`ray.timeline()`): Ray Data runs the actor's `__call__` inside `MapWorker.submit`.
 MODEL_INIT = "task::MapWorker(MapBatches(TileWorker)).__init__"
@@ -1124,6 +1136,165 @@ def bench_startup(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+# A process's part in a pipeline run (bench_cpu), by its command: Ray titles its worker processes
+# `ray::<actor class or task>` and runs its services as programs of their own (the program is one of
+# the first three words: `python -u path`). Ray Data's once-per-cluster actors count with Ray's
+# services: like them, they are there whatever the run does.
+MODEL_ACTOR_TITLE = "ray::MapWorker(MapBatches(TileWorker))"
+RAY_SERVICE_TITLES = (
+    "ray::DashboardAgent",
+    "ray::_StatsActor",
+    "ray::ActorLocationTracker",
+    "ray::_AutoscalingCoordinatorActor",
+)
+RAY_SERVICE_PROGRAMS = ("/raylet", "/gcs_server", "/log_monitor.py", "/monitor.py", "/dashboard.py", "/agent.py",
+                        "/runtime_env/agent/main.py")  # fmt: skip
+ROLES = ("model actors", "driver", "Assembler", "Ray's services", "other Ray workers", "rest of the machine")
+
+
+def process_role(command: str, *, driver: bool) -> str:
+    """Which of ROLES a process of this `command` line (its title, for Ray's workers) plays in a run."""
+    if driver:
+        return "driver"
+    if command.startswith(MODEL_ACTOR_TITLE):
+        return "model actors"
+    if command.startswith("ray::Assembler"):
+        return "Assembler"
+    if command.startswith(RAY_SERVICE_TITLES) or any(w.endswith(RAY_SERVICE_PROGRAMS) for w in command.split()[:3]):
+        return "Ray's services"
+    if command.startswith("ray::") or "default_worker.py" in command:
+        return "other Ray workers"  # decoding, finishing and assembling tasks; workers Ray started unused
+    return "rest of the machine"
+
+
+class ProcessCPU:
+    """The CPU time each process on the machine used while the block runs: after it, `processes` (pid,
+    every command line it was seen with: a Ray worker retitles itself as it takes work, and again as it
+    ends; whether it started inside the block; CPU seconds) and `busy_s`, the machine's busy CPU
+    seconds. Processes are read every `interval` seconds and keep their last reading when they end,
+    so up to `interval` of a process that ends is missed. This process's figure leaves out the
+    sampling thread's own CPU."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+
+    def __enter__(self) -> Self:
+        import threading
+
+        import psutil
+
+        self._before = self._read()
+        self._last, self._sampler_s = dict(self._before), 0.0
+        self._commands = {key: {command} for key, (_, command) in self._before.items()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._busy_before = psutil.cpu_times()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import psutil
+
+        self._stop.set()
+        self._thread.join()
+        after = psutil.cpu_times()
+        self._update()
+        self.busy_s = busy_seconds(self._busy_before, after)
+        me = os.getpid()
+        self.processes = []
+        for key, (cpu, _) in self._last.items():
+            seconds = cpu - self._before.get(key, (0.0, ""))[0] - (self._sampler_s if key[0] == me else 0.0)
+            commands = sorted(self._commands[key])
+            self.processes.append(
+                {"pid": key[0], "commands": commands, "new": key not in self._before, "cpu_s": seconds}
+            )
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._update()
+        self._sampler_s = time.thread_time()
+
+    def _update(self) -> None:
+        now = self._read()
+        self._last.update(now)
+        for key, (_, command) in now.items():
+            self._commands.setdefault(key, set()).add(command)
+
+    @staticmethod
+    def _read() -> dict[tuple[int, float], tuple[float, str]]:
+        import psutil
+
+        out = {}
+        for p in psutil.process_iter(["create_time", "cmdline", "name"]):
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                command = " ".join(p.info["cmdline"] or []) or p.info["name"] or ""
+                out[p.pid, p.info["create_time"]] = (t.user + t.system, command)
+        return out
+
+
+def bench_cpu(args: argparse.Namespace) -> dict[str, object]:
+    """Where a pipeline run's CPU goes on this machine (see the module's docstring): the model alone
+    first (on a CPU, the pipeline section's per-core ceiling, measured once), then one pipeline run at
+    the naive baseline's precision on a local Ray that is up, with every process's CPU read."""
+    import ray
+
+    from model.checkpoint import save_checkpoint
+    from model.inference import TileUpscaler
+
+    torch.manual_seed(0)
+    device = pick_device(args.device)
+    model = DenseIsoViT(variant(args.variant)).to(device).eval()
+    runner = TileUpscaler(model, device=device)
+    dtype, images = naive_dtype(device, runner.dtype), args.images or 8
+    out: dict[str, object] = {"variant": args.variant, "images": images, "dtype": dtype}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        checkpoint = str(root / "model.safetensors")
+        save_checkpoint(model, checkpoint)
+        photos = write_photos(root / "photos", images)
+        if device.type == "cpu":
+            ceiling = parallel_ceiling(photos, checkpoint, halo=args.halo, batch_size=runner.batch_size(), dtype=dtype)
+            log(f"cpu: model-only ceiling, {dtype}: {ceiling}")
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        ray.init(num_gpus=gpus, include_dashboard=False, logging_level="ERROR")
+        try:
+            warm_up_ray_data()
+            time.sleep(3)  # as in the pipeline section: a cluster that is up
+            with ProcessCPU() as cpu:
+                run = pipeline_run(root / "photos", root / "out", args, checkpoint, memory=False, precision=dtype)
+        finally:
+            ray.shutdown()
+    roles = {role: {"cpu_s": 0.0, "processes": 0, "started": 0} for role in ROLES}
+    for p in cpu.processes:
+        if p["cpu_s"] >= 0.01 or p["new"]:
+            # A process's part is the first in ROLES of those its command lines say (a model actor is
+            # titled as one while it works, and may not be when last read).
+            driver = p["pid"] == os.getpid()
+            role = roles[min((process_role(c, driver=driver) for c in p["commands"]), key=ROLES.index)]
+            role["cpu_s"] += p["cpu_s"]
+            role["processes"] += 1
+            role["started"] += p["new"]
+    cores = os.cpu_count() or 1
+    out |= {
+        "seconds": run["seconds"],
+        "cores": cores,
+        "cpu_s_available": round(cores * run["seconds"], 2),
+        "cpu_s_busy": round(cpu.busy_s, 2),
+        "roles": {name: r | {"cpu_s": round(r["cpu_s"], 2)} for name, r in roles.items()},
+    }
+    if device.type == "cpu":
+        # Each of the ceiling's processes is busy all its time: the model's CPU on the run's own tiles.
+        at_ceiling = ceiling["processes"] * ceiling["seconds"] * run["tiles"] / ceiling["tiles"]
+        out |= {
+            "ceiling": ceiling,
+            "model_at_ceiling_cpu_s": round(at_ceiling, 2),
+            "pipeline_vs_ceiling": round(run["output_mp_per_s"] / ceiling["output_mp_per_s"], 3),
+        }
+    log(f"cpu: {out}")
+    return out
+
+
 class _Identity:
     """A stage run by an actor pool that changes nothing (warm_up_ray_data)."""
 
@@ -1407,6 +1578,8 @@ def markdown(results: dict[str, object]) -> str:
             [[i + 1, q["seconds"], f"{q['start_s']} ({q['before_init_s']} + {q['init_s']})", q["workers_started"]]
              for i, q in enumerate(r["runs"])],
         )  # fmt: skip
+    if "cpu" in results:
+        out += cpu_table(results["cpu"])
     if "shards" in results:
         r = results["shards"]
         images = {"noise": "incompressible 512x512 PNGs", "photos": "384x384 JPEG photo crops"}[r["kind"]]
@@ -1419,6 +1592,24 @@ def markdown(results: dict[str, object]) -> str:
               f"{q['peak_object_store_mib']:,} MiB"] for q in r["runs"]],
         )  # fmt: skip
     return "\n".join(out)
+
+
+def cpu_table(r: dict[str, object]) -> list[str]:
+    """Markdown: the cpu section, where a run's CPU went, by role."""
+    busy = r["cpu_s_busy"]
+    out = ["", (f"**Where a pipeline run's CPU went**, variant `{r['variant']}`, {r['images']} photos, {r['dtype']}: "
+                f"{r['seconds']} s on {r['cores']} cores, {r['cpu_s_available']} CPU-s, of them {busy} busy:"), ""]  # fmt: skip
+    rows = [[name, f"{q['processes']} ({q['started']})", q["cpu_s"], f"{q['cpu_s'] / busy:.1%}"]
+            for name, q in r["roles"].items()]  # fmt: skip
+    out += _table(["role", "processes (started during the run)", "CPU-s", "of the busy CPU"], rows)
+    if "model_at_ceiling_cpu_s" in r:
+        actors = r["roles"]["model actors"]["cpu_s"]
+        out += ["", (f"The model alone on the run's tiles ({r['ceiling']['processes']} single-threaded processes, "
+                     f"{r['ceiling']['seconds']} s): {r['model_at_ceiling_cpu_s']} CPU-s, so the model actors used "
+                     f"{actors - r['model_at_ceiling_cpu_s']:.2f} CPU-s beyond it (their start-up and their tiles' "
+                     f"slower running beside the rest) and the run's other processes {busy - actors:.2f}; "
+                     f"pipeline / this ceiling: {r['pipeline_vs_ceiling']:.1%}.")]  # fmt: skip
+    return out
 
 
 def time_split_table(runs: dict[str, dict]) -> list[str]:
@@ -1456,7 +1647,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="model section: the largest batch again, torch.compile'd as `isosr upscale --compile` runs it",
     )
-    parser.add_argument("--images", type=int, help="pipeline and startup sections: photos (default 8 and 48)")
+    parser.add_argument("--images", type=int, help="pipeline, cpu and startup sections: photos (default 8, 8 and 48)")
     parser.add_argument(
         "--scale-images",
         type=int,
@@ -1494,6 +1685,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": bench_profile,
         "actor": bench_actor,
         "startup": bench_startup,
+        "cpu": bench_cpu,
     }
     info = machine()
     results: dict[str, object] = {"machine": info, "quick": args.quick}
