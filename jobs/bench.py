@@ -53,6 +53,7 @@ Sections (all by default):
             every 0.5 s and put to its role: the model actors, the driver, the Assembler, Ray's
             other workers (decoding, finishing, assembling, and those Ray started and left unused),
             Ray's services (with Ray Data's once-per-cluster actors) and the rest of the machine.
+            Every process on the machine counts: run it alone.
   shards    (only when named) peak memory while one Parquet shard of --shard-mb MB (incompressible
             512x512 PNGs in row groups of 16 rows, 13 MB; or with --shard-kind photos, 384x384 JPEG
             crops of photos, ~11x smaller than their pixels) goes through the pipeline, against one of
@@ -1152,15 +1153,18 @@ RAY_SERVICE_PROGRAMS = ("/raylet", "/gcs_server", "/log_monitor.py", "/monitor.p
 ROLES = ("model actors", "driver", "Assembler", "Ray's services", "other Ray workers", "rest of the machine")
 
 
-def process_role(command: str, *, driver: bool) -> str:
-    """Which of ROLES a process of this `command` line (its title, for Ray's workers) plays in a run."""
+def process_role(command: str, *, driver: bool, new: bool = False) -> str:
+    """Which of ROLES a process of this `command` line (its title, for Ray's workers) plays in a run;
+    `new`: it started during the run, so it is none of Ray's service programs (a worker that the raylet
+    forks carries the raylet's command line until it starts its own program)."""
     if driver:
         return "driver"
     if command.startswith(MODEL_ACTOR_TITLE):
         return "model actors"
     if command.startswith("ray::Assembler"):
         return "Assembler"
-    if command.startswith(RAY_SERVICE_TITLES) or any(w.endswith(RAY_SERVICE_PROGRAMS) for w in command.split()[:3]):
+    program = not new and any(w.endswith(RAY_SERVICE_PROGRAMS) for w in command.split()[:3])
+    if command.startswith(RAY_SERVICE_TITLES) or program:
         return "Ray's services"
     if command.startswith("ray::") or "default_worker.py" in command:
         return "other Ray workers"  # decoding, finishing and assembling tasks; workers Ray started unused
@@ -1270,8 +1274,8 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, object]:
         if p["cpu_s"] >= 0.01 or p["new"]:
             # A process's part is the first in ROLES of those its command lines say (a model actor is
             # titled as one while it works, and may not be when last read).
-            driver = p["pid"] == os.getpid()
-            role = roles[min((process_role(c, driver=driver) for c in p["commands"]), key=ROLES.index)]
+            parts = (process_role(c, driver=p["pid"] == os.getpid(), new=p["new"]) for c in p["commands"])
+            role = roles[min(parts, key=ROLES.index)]
             role["cpu_s"] += p["cpu_s"]
             role["processes"] += 1
             role["started"] += p["new"]

@@ -22,18 +22,25 @@ def bench():
     return module
 
 
+def run_bench(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[dict, str]:
+    """`python jobs/bench.py --quick --variant tiny ARGS` in a process of its own, as users run it (the
+    actor section's processes are spawned, and import the bench by its path): its JSON and Markdown."""
+    out, table = tmp_path / "bench.json", tmp_path / "bench.md"
+    subprocess.run(
+        [sys.executable, "jobs/bench.py", "--quick", "--variant", "tiny", *args, "--json", str(out),
+         "--markdown", str(table)],
+        cwd=ROOT, check=True, timeout=timeout,
+    )  # fmt: skip
+    return json.loads(out.read_text()), table.read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_quick_bench_writes_the_ratios_and_the_pipeline_matches_the_naive_baseline(tmp_path):
-    out = tmp_path / "bench.json"
-    table = tmp_path / "bench.md"
-    subprocess.run(
-        [sys.executable, "jobs/bench.py", "--quick", "--variant", "tiny", "--images", "2",
-         "--sections", "model,codecs,skip,precision,pipeline", "--batch-sizes", "1,8", "--dtypes", "float32",
-         "--json", str(out), "--markdown", str(table)],
-        cwd=ROOT, check=True, timeout=600,
+    result, table = run_bench(
+        tmp_path, "--images", "2", "--sections", "model,codecs,skip,precision,pipeline", "--batch-sizes", "1,8",
+        "--dtypes", "float32", timeout=600,
     )  # fmt: skip
-    result = json.loads(out.read_text())
     assert result["pipeline_vs_ceiling"] > 0 and result["pipeline_vs_naive"] > 0
     assert result["machine"]["cores"] >= 1 and result["machine"]["date"]
     on_cpu = "gpu" not in result["machine"]
@@ -67,7 +74,7 @@ def test_quick_bench_writes_the_ratios_and_the_pipeline_matches_the_naive_baseli
     assert {r["format"] for r in result["codecs"]["rows"]} == {"PNG", "JPEG", "WEBP", "AVIF", "JPEG2000", "HEIF"}
     skip = result["skip"]["rows"]
     assert skip[0]["skip_detail"] == 0 and skip[0]["tiles_skipped"] == 0
-    assert "pipeline / ceiling" in table.read_text() and "Binding stage, float32: the " in table.read_text()
+    assert "pipeline / ceiling" in table and "Binding stage, float32: the " in table
     fast = result["precision"]["rows"]
     assert fast and all(r["max_difference"] <= 2 for r in fast), fast  # bf16 against float32, shipped weights
 
@@ -127,19 +134,14 @@ def test_the_actor_section_measures_a_model_actors_own_work_and_its_allocators_f
     work beside the network, one call at a time and as a GPU actor runs calls, with the allocators'
     defaults and with the model actors' MODEL_ENV. Their faults a photo, one call at a time: 1,723-2,688
     against 194-201 (and 42,000 against 1,600 with numpy's huge pages off); the bound leaves 4x room."""
-    out, table = tmp_path / "actor.json", tmp_path / "actor.md"
-    subprocess.run(  # its processes are spawned, and import the bench by its path
-        [sys.executable, "jobs/bench.py", "--sections", "actor", "--variant", "tiny", "--quick", "--json", str(out),
-         "--markdown", str(table)],
-        cwd=ROOT, check=True, timeout=300,
-    )  # fmt: skip
-    runs = {(r["environ"], r["calls_at_once"]): r for r in json.loads(out.read_text())["actor"]["runs"]}
+    result, table = run_bench(tmp_path, "--sections", "actor")
+    runs = {(r["environ"], r["calls_at_once"]): r for r in result["actor"]["runs"]}
     assert set(runs) == {(e, n) for e in ("defaults", "MODEL_ENV") for n in (1, 4)}
     for r in runs.values():
         assert r["photos"] == 20 and 0 < r["system_ms_per_photo"] <= r["cpu_ms_per_photo"], r
     default, tuned = runs["defaults", 1]["page_faults_per_photo"], runs["MODEL_ENV", 1]["page_faults_per_photo"]
     assert tuned < default / 4, (tuned, default)
-    assert "A model actor's CPU work a photo beside the network" in table.read_text()
+    assert "A model actor's CPU work a photo beside the network" in table
 
 
 @pytest.mark.slow
@@ -147,20 +149,15 @@ def test_the_startup_section_times_a_runs_start_beside_one_actor_on_a_node_of_ma
     """--sections startup (RESULTS.md's figures for a run's start on a GPU node's many cores): its own
     local Ray of 16 CPUs and 1 GPU, the run's start split from Ray's task events, and the worker
     processes Ray started, counted."""
-    out, table = tmp_path / "startup.json", tmp_path / "startup.md"
-    subprocess.run(
-        [sys.executable, "jobs/bench.py", "--sections", "startup", "--variant", "tiny", "--quick", "--images", "8",
-         "--json", str(out), "--markdown", str(table)],
-        cwd=ROOT, check=True, timeout=300,
-    )  # fmt: skip
-    startup = json.loads(out.read_text())["startup"]
+    result, table = run_bench(tmp_path, "--sections", "startup", "--images", "8")
+    startup = result["startup"]
     [run] = startup["runs"]
     assert startup["cpus"] == 16 and startup["images"] == 8
     # The model actor, and at least one process for decoding and finishing, start within the run.
     assert run["workers_started"] >= 2, run
     start = run["before_init_s"] + run["init_s"]  # + the wait for the first piece: each rounded to 0.01 s
     assert 0 < start <= run["start_s"] + 0.02 and run["start_s"] < run["seconds"], run
-    assert "A run's start beside one model actor on a node of 16 CPUs" in table.read_text()
+    assert "A run's start beside one model actor on a node of 16 CPUs" in table
 
 
 def test_a_processs_role_comes_from_its_title_or_its_program_not_from_its_arguments(bench):
@@ -175,9 +172,10 @@ def test_a_processs_role_comes_from_its_title_or_its_program_not_from_its_argume
     assert role("ray::MapBatches(finish_stage)->Write", driver=False) == "other Ray workers"
     assert role("ray::MapWorker(MapBatches(TileWorker)).submit", driver=False) == "model actors"
     assert role("ray::Assembler.part_done", driver=False) == "Assembler"
-    assert role(f"{venv}/core/src/ray/raylet/raylet --raylet_socket_name=/tmp/ray/s/sockets/raylet", driver=False) == (
-        "Ray's services"
-    )
+    raylet = f"{venv}/core/src/ray/raylet/raylet --raylet_socket_name=/tmp/ray/s/sockets/raylet"
+    assert role(raylet, driver=False) == "Ray's services"
+    # A worker the raylet has just forked, read before it starts its own program: not the raylet.
+    assert role(raylet, driver=False, new=True) == "rest of the machine"
     assert role(f"/w/.venv/bin/python -u {venv}/_private/log_monitor.py --session-dir=/tmp/ray/s", driver=False) == (
         "Ray's services"
     )
@@ -191,13 +189,8 @@ def test_the_cpu_section_puts_every_busy_cpu_second_of_a_run_to_a_process_role(t
     """--sections cpu (RESULTS.md's figures for where a run's CPU goes beside the model): every process's
     CPU during one run, by role, adds up to the machine's busy CPU; the model actors are started by the
     run, the driver and Ray's services are not."""
-    out, table = tmp_path / "cpu.json", tmp_path / "cpu.md"
-    subprocess.run(
-        [sys.executable, "jobs/bench.py", "--sections", "cpu", "--variant", "tiny", "--quick", "--images", "4",
-         "--json", str(out), "--markdown", str(table)],
-        cwd=ROOT, check=True, timeout=300,
-    )  # fmt: skip
-    cpu = json.loads(out.read_text())["cpu"]
+    result, table = run_bench(tmp_path, "--sections", "cpu", "--images", "4")
+    cpu = result["cpu"]
     roles = cpu["roles"]
     # Read every 0.5 s, a process that ends loses up to 0.5 s of CPU, and the kernel's interrupts are
     # nobody's: 10 % either way (measured: 14.83 of 14.87 CPU-s busy, tiny, 2 cores).
@@ -209,5 +202,4 @@ def test_the_cpu_section_puts_every_busy_cpu_second_of_a_run_to_a_process_role(t
     assert driver["processes"] == 1 and driver["started"] == 0 and driver["cpu_s"] > 0, driver
     assert ray["processes"] >= 2 and ray["started"] == 0, ray  # the raylet and the GCS at least
     assert cpu["model_at_ceiling_cpu_s"] > 0 and 0 < cpu["pipeline_vs_ceiling"] < 1, cpu
-    text = table.read_text()
-    assert "Where a pipeline run's CPU went" in text and all(f"| {role} |" in text for role in roles)
+    assert "Where a pipeline run's CPU went" in table and all(f"| {role} |" in table for role in roles)
