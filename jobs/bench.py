@@ -1099,15 +1099,20 @@ class StartedWorkers:
         pids = set()
         for p in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                if p.name().startswith("ray::") or "default_worker.py" in " ".join(p.cmdline()):
+                if ray_worker(" ".join(p.cmdline())):
                     pids.add(p.pid)
         return pids
+
+
+def ray_worker(command: str) -> bool:
+    """A process that Ray started for tasks and actors, by its command line: a worker titles itself
+    `ray::<actor class or task>`, and runs default_worker.py until it does."""
+    return command.startswith("ray::") or "default_worker.py" in command
 
 
 def bench_startup(args: argparse.Namespace) -> dict[str, object]:
     """A run's start on a node of many CPUs beside one model actor (see the module's docstring): on
     the H200's 16 cores the model actor's `__init__` took 16 s in a run against 6.6 s alone."""
-    import ray
 
     from model.checkpoint import save_checkpoint
 
@@ -1120,15 +1125,9 @@ def bench_startup(args: argparse.Namespace) -> dict[str, object]:
         save_checkpoint(speed_model(args, torch.device("cpu")), checkpoint)
         write_photos(root / "photos", images)
         for i in range(runs):
-            ray.init(address="local", num_cpus=STARTUP_CPUS, num_gpus=1, include_dashboard=False, logging_level="ERROR")
-            try:
-                warm_up_ray_data()
-                time.sleep(3)  # as in the pipeline section: a cluster that is up
-                with StartedWorkers() as started:
-                    run = pipeline_run(root / "photos", root / f"out-{i}", on_cpu, checkpoint, memory=False,
-                                       precision="float32", timeline=True, skip_detail=255.0)  # fmt: skip
-            finally:
-                ray.shutdown()
+            with ray_up(address="local", num_cpus=STARTUP_CPUS, num_gpus=1), StartedWorkers() as started:
+                run = pipeline_run(root / "photos", root / f"out-{i}", on_cpu, checkpoint, memory=False,
+                                   precision="float32", timeline=True, skip_detail=255.0)  # fmt: skip
             split = run["time_split"] or {}
             row = {"seconds": run["seconds"], "workers_started": started.count}
             row |= {k: split.get(k) for k in ("start_s", "before_init_s", "init_s")}
@@ -1166,7 +1165,7 @@ def process_role(command: str, *, driver: bool, new: bool = False) -> str:
     program = not new and any(w.endswith(RAY_SERVICE_PROGRAMS) for w in command.split()[:3])
     if command.startswith(RAY_SERVICE_TITLES) or program:
         return "Ray's services"
-    if command.startswith("ray::") or "default_worker.py" in command:
+    if ray_worker(command):
         return "other Ray workers"  # decoding, finishing and assembling tasks; workers Ray started unused
     return "rest of the machine"
 
@@ -1241,7 +1240,6 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, object]:
     """Where a pipeline run's CPU goes on this machine (see the module's docstring): the model alone
     first (on a CPU, the pipeline section's per-core ceiling, measured once), then one pipeline run at
     the naive baseline's precision on a local Ray that is up, with every process's CPU read."""
-    import ray
 
     from model.checkpoint import save_checkpoint
     from model.inference import TileUpscaler
@@ -1260,15 +1258,8 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, object]:
         if device.type == "cpu":
             ceiling = parallel_ceiling(photos, checkpoint, halo=args.halo, batch_size=runner.batch_size(), dtype=dtype)
             log(f"cpu: model-only ceiling, {dtype}: {ceiling}")
-        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-        ray.init(num_gpus=gpus, include_dashboard=False, logging_level="ERROR")
-        try:
-            warm_up_ray_data()
-            time.sleep(3)  # as in the pipeline section: a cluster that is up
-            with ProcessCPU() as cpu:
-                run = pipeline_run(root / "photos", root / "out", args, checkpoint, memory=False, precision=dtype)
-        finally:
-            ray.shutdown()
+        with ray_up(num_gpus=local_gpus(device)), ProcessCPU() as cpu:
+            run = pipeline_run(root / "photos", root / "out", args, checkpoint, memory=False, precision=dtype)
     roles = {role: {"cpu_s": 0.0, "processes": 0, "started": 0} for role in ROLES}
     for p in cpu.processes:
         if p["cpu_s"] >= 0.01 or p["new"]:
@@ -1316,6 +1307,27 @@ def warm_up_ray_data() -> None:
     ds.map_batches(_Identity, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1)).materialize()
 
 
+@contextlib.contextmanager
+def ray_up(**init: object):
+    """A local Ray (`ray.init(**init)`) that is up as a cluster is while the block runs: Ray Data's
+    once-per-cluster actors started and Ray's freshly started processes settled; shut down after."""
+    import ray
+
+    ray.init(include_dashboard=False, logging_level="ERROR", **init)
+    try:
+        warm_up_ray_data()
+        time.sleep(3)
+        yield
+    finally:
+        ray.shutdown()
+
+
+def local_gpus(device: torch.device) -> int:
+    """The GPUs a local Ray is told of for `device`: those torch sees, as `isosr upscale` starts its
+    local Ray (pipeline.run), and none for --device cpu."""
+    return torch.cuda.device_count() if device.type == "cuda" else 0
+
+
 def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
     """The pipeline against the model-only ceiling at each precision it may run at (the mean of one
     measurement before the pipeline runs and one after), and against the naive baseline. Ray is
@@ -1323,7 +1335,6 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
     cluster; each timed run still starts its own model actors and loads the model in them. Without
     --quick, also one cold run (`isosr upscale` without --address: its own local Ray, started inside
     the time) and the memory runs."""
-    import ray
 
     from model.checkpoint import save_checkpoint
     from model.inference import TileUpscaler
@@ -1373,12 +1384,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
             ceilings[dtype] = ceiling(dtype)
             log(f"model-only ceiling, {dtype}: {ceilings[dtype]}")
         pipelines = {}
-        # The GPUs torch sees, as `isosr upscale` starts its local Ray (pipeline.run), and none for --device cpu.
-        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-        ray.init(num_gpus=gpus, include_dashboard=False, logging_level="ERROR")
-        try:
-            warm_up_ray_data()
-            time.sleep(3)  # let Ray's freshly started processes settle, as on a cluster that is up
+        with ray_up(num_gpus=local_gpus(device)):
             for dtype in dtypes:
                 dst = root / f"out-{dtype}"
                 pipelines[dtype] = pipeline_run(
@@ -1397,8 +1403,6 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
                 log(f"pipeline with memory sampling, {images} photos: {result['pipeline_memory']}")
                 result["pipeline_scaled"] = pipeline_run(root / "large", root / "out-l", args, checkpoint, memory=True)
                 log(f"pipeline with memory sampling, {len(large)} photos: {result['pipeline_scaled']}")
-        finally:
-            ray.shutdown()
         # The ceiling again, after the pipeline, on a quiet machine as before: this machine's speed
         # drifts by up to ~20 % within minutes (the same forward passes, RESULTS.md), so the pipeline
         # is compared with the mean of the measurements on either side of it.
