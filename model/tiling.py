@@ -184,20 +184,27 @@ def _bands(plan: TilePlan, scale: int, reach: list[tuple[int, int]], starts: lis
     return bands
 
 
-def split_rows(plan: TilePlan, scale: int, *, max_tiles: int, min_rows: int = 2) -> list[Band]:
-    """Split an image with more than `max_tiles` tiles into bands of about max_tiles tiles (at least
-    `min_rows` tile rows each, and more where a large halo needs it). An image of fewer than
-    2 * min_rows tile rows, or one that fits, is one band. No tile runs twice."""
+def split_rows(plan: TilePlan, scale: int, *, max_tiles: int, pieces: int = 1, min_rows: int = 2) -> list[Band]:
+    """Split an image into bands of whole tile rows: as few as keep each to `max_tiles` tiles, but at
+    least `pieces`, each of at least `min_rows` tile rows (more where a large halo needs it). Their
+    row counts differ by one at most, the taller first: actors share a run's last bands, each taking
+    the next as it comes free, so a band more than asked for, or a taller one last, leaves one actor
+    working while the others wait (RESULTS.md). An image of fewer than 2 * min_rows tile rows, or one
+    that fits in one band, is one band. No tile runs twice."""
     n_rows, n_cols = len(plan.ys), len(plan.xs)
-    if n_rows * n_cols <= max_tiles or n_rows < 2 * min_rows:
+    rows_per_band = max(1, max_tiles // n_cols)  # the most that keep a band to max_tiles
+    count = min(max(pieces, -(-n_rows // rows_per_band)), n_rows // min_rows)
+    if count < 2:
         return [whole_image(plan, scale)]
     # Only images taller than a tile get here, so there is no vertical padding to account for.
     weights = axis_weights(list(plan.ys), plan.tile, scale)
     reach = [_reach(plan, weights, scale, r) for r in range(n_rows)]
-    for per_band in range(max(min_rows, max_tiles // n_cols), n_rows - min_rows + 1):
-        bands = _bands(plan, scale, reach, list(range(0, n_rows - min_rows + 1, per_band)))
+    while count >= 2:
+        rows, taller = divmod(n_rows, count)
+        bands = _bands(plan, scale, reach, [i * rows + min(i, taller) for i in range(count)])
         if bands is not None:
             return bands
+        count = min(count - 1, n_rows // (n_rows // count + 1))  # the thinnest band a row taller
     return [whole_image(plan, scale)]
 
 
@@ -410,7 +417,7 @@ def split_image(
     image = prepare(image)
     plan = plan_tiles(image.shape[0], image.shape[1], tile=tile, halo=halo)
     tiles = len(plan.ys) * len(plan.xs)
-    bands = split_rows(plan, scale, max_tiles=min(max_tiles or tiles, -(-tiles // pieces)))
+    bands = split_rows(plan, scale, max_tiles=max_tiles or tiles, pieces=pieces)
     return [Piece(image[b.in_rows[0] : b.in_rows[1]], plan, b) for b in bands]
 
 

@@ -527,6 +527,26 @@ def test_bands_run_each_tile_once_and_stack_as_the_whole_image(shape, dtype, hal
     assert seams.any() == (halo > 0)
 
 
+@pytest.mark.parametrize(
+    ("height", "pieces", "max_tiles", "rows"),
+    [
+        (1024, 4, 1024, [5, 5, 5, 4]),  # 19 tile rows: cut by tiles alone, 5 bands (4, 4, 4, 4, 3)
+        (2240, 16, 1024, [3] * 8 + [2] * 8),  # 40 tile rows shared by 16 actors: by tiles alone, 20 bands
+        (512, 4, 1024, [3, 2, 2, 2]),  # 9 tile rows
+        (400, 4, 1024, [3, 2, 2]),  # 7 tile rows: no band under two
+        (1024, 1, 100, [5, 5, 5, 4]),  # max_tiles alone: 19 x 19 tiles, at most 100 a band
+        (1024, 4, 60, [3] * 5 + [2] * 2),  # max_tiles asks for more bands than pieces
+    ],
+)
+def test_an_image_is_cut_into_as_many_even_bands_as_asked_taller_first(height, pieces, max_tiles, rows) -> None:
+    """Actors share the last round's bands, each taking the next as it comes free: one band too many,
+    or a taller one last, leaves one actor working while another waits."""
+    image = np.zeros((height, 1024, 3), np.uint8)  # 19 tile columns
+    bands = [p.band for p in split_image(image, tile=TILE, scale=SCALE, halo=4, max_tiles=max_tiles, pieces=pieces)]
+    assert [b.tile_rows[1] - b.tile_rows[0] for b in bands] == rows
+    assert all((b.tile_rows[1] - b.tile_rows[0]) * 19 <= max_tiles for b in bands)
+
+
 def test_generator_input_is_consumed_lazily() -> None:
     rng = np.random.default_rng(6)
     images = [rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8) for i in range(10)]  # 1 tile each
