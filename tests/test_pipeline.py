@@ -760,11 +760,15 @@ def test_at_least_one_image_is_spot_checked_at_rate_zero(tall: TallRuns) -> None
         assert len(checked) == 1, checked
         assert checked[0]["rt_gain_db"] is not None and math.isfinite(checked[0]["rt_gain_db"])
     # The same image on both runs, with the same scores: the round trip of a banded image is kept.
+    # Within 0.001 dB: the round trip's tiles share forward passes with the first piece's, and a tile
+    # in a batch of one rounds otherwise than in a larger batch (oneDNN: 1e-4 in bf16, 6e-8 in
+    # float32), which can move an output pixel a level (7e-6 dB here); a lost or misplaced round trip
+    # moves a score by whole dB.
     split = next(r for r in tall.split.manifest.to_pylist() if r["spot_check"])
     whole = next(r for r in tall.whole.manifest.to_pylist() if r["spot_check"])
     assert split["key"] == whole["key"] == "tall.png"
     for score in RT_SCORES:
-        assert split[score] == pytest.approx(whole[score], abs=1e-9), score
+        assert split[score] == pytest.approx(whole[score], abs=1e-3), score
 
 
 # ----------------------------------------------------------------------------- 5b. pages and frames
