@@ -830,10 +830,12 @@ def busy_seconds(before, after) -> float:
     return sum(getattr(after, f) - getattr(before, f) for f in CPU_BUSY_FIELDS if hasattr(after, f))
 
 
-# Ray's names for a model actor's `__init__` and its call on one piece, in its task events
-# (`ray.timeline()`): Ray Data runs the actor's `__call__` inside `MapWorker.submit`.
-MODEL_INIT = "task::MapWorker(MapBatches(TileWorker)).__init__"
-MODEL_PIECE = "task::MapWorker(MapBatches(TileWorker)).submit"
+# Ray Data's name for a model actor: its task events (`ray.timeline()`) name its `__init__` and its
+# call on one piece (Ray Data runs the actor's `__call__` inside `MapWorker.submit`) after it, and its
+# process titles itself after it (bench_cpu).
+MODEL_ACTOR = "MapWorker(MapBatches(TileWorker))"
+MODEL_INIT = f"task::{MODEL_ACTOR}.__init__"
+MODEL_PIECE = f"task::{MODEL_ACTOR}.submit"
 
 
 def model_actor_events(since: float, pieces: int, *, wait: float = 10.0) -> dict[str, list] | None:
@@ -1140,7 +1142,6 @@ def bench_startup(args: argparse.Namespace) -> dict[str, object]:
 # `ray::<actor class or task>` and runs its services as programs of their own (the program is one of
 # the first three words: `python -u path`). Ray Data's once-per-cluster actors count with Ray's
 # services: like them, they are there whatever the run does.
-MODEL_ACTOR_TITLE = "ray::MapWorker(MapBatches(TileWorker))"
 RAY_SERVICE_TITLES = (
     "ray::DashboardAgent",
     "ray::_StatsActor",
@@ -1158,7 +1159,7 @@ def process_role(command: str, *, driver: bool, new: bool = False) -> str:
     forks carries the raylet's command line until it starts its own program)."""
     if driver:
         return "driver"
-    if command.startswith(MODEL_ACTOR_TITLE):
+    if command.startswith(f"ray::{MODEL_ACTOR}"):
         return "model actors"
     if command.startswith("ray::Assembler"):
         return "Assembler"
