@@ -347,10 +347,11 @@ def build_dataset(
             min_size=placement.workers[0],
             max_size=placement.workers[1],
             # Ray Data queues 2 pieces on each actor by default. A piece takes a CPU actor seconds
-            # to minutes: one queued behind a busy actor while another idles can cost a band's time
-            # at the end (spread_last), against the ~0.13 s an actor waits for its next piece (Ray
-            # Data's executor polls its tasks every 0.1 s: 0.75-0.93 s a bench run, RESULTS.md), so
-            # CPU actors take one at a time. A GPU actor keeps the next piece queued to hide its transfer.
+            # to minutes: one queued behind a busy actor leaves another idle at the end (measured on
+            # photos of mixed sizes: runs 5-9 s longer), against the ~0.13 s an actor waits for its
+            # next piece (Ray Data's executor polls its tasks every 0.1 s: 0.75-0.93 s a bench run;
+            # RESULTS.md), so CPU actors take one at a time. A GPU actor keeps the next piece queued
+            # to hide its transfer.
             max_tasks_in_flight_per_actor=1 if not placement.gpus else None,
             # A GPU actor runs calls in threads, forward passes one at a time (stages._OneAtATime):
             # its GPU takes a piece's tiles in milliseconds, while cutting them and blending the
