@@ -29,8 +29,8 @@ Completion record. A plan without a commit is an interrupted run (driver killed,
 lost). The next run folds it in before it plans; an input counts as done by the interrupted run iff
 
   - a manifest row of that run says so (ok or failed): its manifest.parquet, or, when it died before
-    writing that, the parts its writers left in runs/<run_id>/parts/ (pipeline.sink writes a part
-    after each block's outputs), or
+    writing that, the parts its writers left in runs/<run_id>/parts/ (pipeline.sink and
+    pipeline.assembly write a part after each block's outputs), or
   - its output exists and was last modified after the plan was written: this closes the window in
     which an output is written but its part is not yet. Both times come from the store's own clock
     (S3 LastModified, file mtimes), and the lease guarantees that no other nightly run wrote to DST
@@ -61,6 +61,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import shards, storage
+from pipeline.assembly import RunPaths
 from pipeline.lease import Lease, LeaseLost, LeaseUnreadable, speaks
 from pipeline.manifest import FAILED, OK, SKIPPED
 from pipeline.run import (
@@ -74,7 +75,6 @@ from pipeline.run import (
     prepare,
     resolve_inputs,
 )
-from pipeline.sink import RunPaths
 
 EXIT_LEASE = 4
 DEFAULT_LEASE_TTL_S = 300

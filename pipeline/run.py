@@ -28,10 +28,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from model.tiling import DEFAULT_HALO, DEFAULT_SKIP_DETAIL
 from pipeline import quality, shards, storage
+from pipeline.assembly import Assembler, RunPaths, assembled_rows
 from pipeline.images import DEFAULT_MAX_PIXELS, file_too_large, output_format, output_suffix
 from pipeline.manifest import FAILED, OK, SKIPPED, table
 from pipeline.report import Crop, Thresholds, render_html, summarize
-from pipeline.sink import Assembler, ImageSink, RunPaths, assembled_rows
+from pipeline.sink import ImageSink
 from pipeline.stages import MODEL_ENV, TileWorker, decode_stage, finish_stage
 
 if TYPE_CHECKING:

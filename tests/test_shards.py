@@ -405,8 +405,8 @@ def test_a_shard_reader_stays_a_few_rows_ahead_of_the_rows_staged(ray_local: Non
     not yield a row while `read_ahead` rows are yielded and not yet staged, and may again once one is."""
     import ray
 
+    from pipeline.assembly import Assembler, RunPaths
     from pipeline.report import Thresholds
-    from pipeline.sink import Assembler, RunPaths
 
     assembler = Assembler.remote(
         paths=RunPaths(dst=str(tmp_path), run_id="run"), thresholds=Thresholds(), input_format="parquet", shard_rows=10,
