@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import subprocess
 import sys
@@ -364,12 +365,23 @@ def test_array_functions_equal_the_tensor_filter(astronaut: np.ndarray) -> None:
     assert diff.max() <= 1 and np.count_nonzero(diff) <= diff.size * 1e-4
 
 
+def loaded(modules: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The modules starting with one of `prefixes` that importing `modules` loads, in a fresh process."""
+    code = f"import sys, {modules}; print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return ast.literal_eval(out.stdout.strip())
+
+
 def test_quality_checks_do_without_torch() -> None:
     # Ray workers that decode, check and encode import these modules; torch would cost each ~2 s of
     # CPU and ~180 MB at start-up, beside the model actors on a small machine.
-    code = "import sys, pipeline.stages, pipeline.sink; print(sorted(m for m in sys.modules if m.startswith('torch')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.strip() == "[]"
+    assert loaded("pipeline.stages, pipeline.sink", ("torch",)) == []
+
+
+def test_the_assembler_and_its_tasks_load_neither_ray_data_nor_torch() -> None:
+    # The run's Assembler starts while the model actors load: importing Ray Data cost its process
+    # ~0.35 CPU-s of ~0.85 there (RESULTS.md), and torch would cost ~2 CPU-s.
+    assert loaded("pipeline.assembly", ("ray.data", "torch")) == []
 
 
 def test_modcrop() -> None:
