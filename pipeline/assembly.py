@@ -8,13 +8,12 @@ rows as a Parquet part in DST/_isosr/runs/<run_id>/parts/, so a run that dies ke
 it finished.
 
 This module does not import Ray Data (the sink's Datasink does, ~0.3 CPU-s): the Assembler's process
-and the assembly tasks' need none of it, and on a small node the Assembler starts while the model
+and the assembly tasks need none of it, and on a small node the Assembler starts while the model
 actors load.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import time
 import uuid
@@ -47,16 +46,13 @@ class RunPaths:
         return f"{self.run_dir}/parts/{name}.parquet"
 
     def staging(self, key: str, index: int) -> str:
-        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-        return f"{self.run_dir}/staging/{digest}/{index:05d}.npy"
+        return f"{self.run_dir}/staging/{storage.key_digest(key)}/{index:05d}.npy"
 
     def shard_row(self, shard: str, index: int) -> str:
-        digest = hashlib.sha256(shard.encode()).hexdigest()[:24]
-        return f"{self.run_dir}/staging/shards/{digest}/{index:09d}.arrow"
+        return f"{self.run_dir}/staging/shards/{storage.key_digest(shard)}/{index:09d}.arrow"
 
     def crop(self, key: str, which: str) -> str:
-        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-        return f"{self.run_dir}/crops/{digest}-{which}.png"
+        return f"{self.run_dir}/crops/{storage.key_digest(key)}-{which}.png"
 
 
 def write_rows(paths: RunPaths, rows: list[dict[str, Any]]) -> None:

@@ -29,7 +29,6 @@ failed manifest row, key = the shard's key, row_index null, and writes nothing.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import posixpath
@@ -113,7 +112,7 @@ def output_files(first: str, count: int) -> list[str]:
 
 
 def record_uri(dst: str, key: str) -> str:
-    return storage.join(dst, f"{RECORDS_DIR}/{hashlib.sha256(key.encode()).hexdigest()[:24]}.json")
+    return storage.join(dst, f"{RECORDS_DIR}/{storage.key_digest(key)}.json")
 
 
 def finished_record(dst: str, f: storage.InputFile, files: set[str]) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ under DST, and it makes every key safe first, so no key can write outside DST.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import posixpath
 import uuid
@@ -175,6 +176,12 @@ def join(root: str, key: str) -> str:
     if not root:
         raise ValueError(f"cannot place key {key!r} under an empty root; give DST as a path or URI")
     return _under(root, safe_key(key))
+
+
+def key_digest(key: str) -> str:
+    """A short name for `key` that is safe in any path (the run's staging and the shard records):
+    the first 24 hex digits of its SHA-256."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 def write_atomic(uri: str, data: bytes) -> None:
