@@ -40,7 +40,7 @@ class RunPaths:
 
     @property
     def run_dir(self) -> str:
-        return storage.join(self.dst, f"{storage.STATE_DIR}/runs/{self.run_id}")
+        return storage.run_dir(self.dst, self.run_id)
 
     def part(self, name: str) -> str:
         return f"{self.run_dir}/parts/{name}.parquet"

@@ -153,8 +153,7 @@ class Lease:
                 self._tag, self._acquired = current_tag, holder.acquired
                 return None
             if holder.live(now):
-                # Where the holder's run files go (pipeline.assembly.RunPaths.run_dir).
-                runs = storage.join(self.dst, f"{storage.STATE_DIR}/runs/{holder.run_id}") + "/"
+                runs = storage.run_dir(self.dst, holder.run_id) + "/"  # where the holder's run files go
                 raise LeaseHeld(self.uri, holder, now, runs=runs)
             tag = self._store.replace(self._holder(now).encode(), current_tag)
             if tag is not None:

@@ -178,6 +178,11 @@ def join(root: str, key: str) -> str:
     return _under(root, safe_key(key))
 
 
+def run_dir(dst: str, run_id: str) -> str:
+    """Where a run's manifest, report, parts and staging go: DST/_isosr/runs/<run_id>."""
+    return join(dst, f"{STATE_DIR}/runs/{run_id}")
+
+
 def key_digest(key: str) -> str:
     """A short name for `key` that is safe in any path (the run's staging and the shard records):
     the first 24 hex digits of its SHA-256."""
